@@ -1,0 +1,1 @@
+"""Flow-following mask reconstruction and batch inference over directories."""

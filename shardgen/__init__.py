@@ -1,0 +1,1 @@
+"""Offline stage: public datasets, as published, to weighted WebDataset shards (issue 3)."""

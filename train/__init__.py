@@ -1,0 +1,1 @@
+"""The torchrun FSDP trainer with GPU-side augmentation (issue 4)."""
