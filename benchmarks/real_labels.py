@@ -1,0 +1,59 @@
+"""Benchmark inputs: large label images tiled from the real annotated samples.
+
+The real Cellpose "cyto" masks in ../shared/data are cut into 256x256 crops; a mosaic of crops,
+each renumbered so ids stay unique, gives a label image of any size with realistic object shapes,
+sizes and touching borders.
+"""
+
+from pathlib import Path
+
+import fastremap
+import numpy as np
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CROP = 256
+
+
+def _real_crops(root: Path) -> list[np.ndarray]:
+    files = sorted((root / "cellpose_cyto" / "train").glob("*_masks.png"))
+    if not files:
+        raise FileNotFoundError(
+            f"no *_masks.png under {root / 'cellpose_cyto' / 'train'}; the benchmarks tile the "
+            "real Cellpose samples from ../shared/data"
+        )
+    crops = []
+    for path in files:
+        labels = np.asarray(Image.open(path))
+        for y in range(0, labels.shape[0] - CROP + 1, CROP):
+            for x in range(0, labels.shape[1] - CROP + 1, CROP):
+                crop, _ = fastremap.renumber(labels[y : y + CROP, x : x + CROP].copy(), preserve_zero=True)
+                crops.append(crop.astype(np.uint32))
+    return crops
+
+
+def tiled_real_labels(size: int, n_objects: int, root: Path = SHARED_DATA) -> np.ndarray:
+    """A (size, size) uint32 label mosaic of real crops with about ``n_objects`` objects.
+
+    Crops are drawn with replacement by a seeded generator, then tiles are swapped one at a time
+    for the crop that brings the total closest to the target; the result is deterministic.
+    """
+    if size % CROP:
+        raise ValueError(f"size must be a multiple of {CROP}; got {size}")
+    crops = _real_crops(root)
+    per_side = size // CROP
+    n_tiles = per_side * per_side
+    counts = np.array([int(c.max()) for c in crops])
+    best = np.random.default_rng(0).choice(len(crops), n_tiles)
+    for i in range(n_tiles):
+        rest = int(counts[best].sum() - counts[best[i]])
+        best[i] = int(np.argmin(np.abs(rest + counts - n_objects)))
+    mosaic = np.zeros((size, size), dtype=np.uint32)
+    offset = 0
+    for i in range(n_tiles):
+        crop = crops[best[i]]
+        ty, tx = divmod(i, per_side)
+        tile = mosaic[ty * CROP : (ty + 1) * CROP, tx * CROP : (tx + 1) * CROP]
+        tile[...] = np.where(crop > 0, crop + offset, 0)
+        offset += int(crop.max())
+    return mosaic
