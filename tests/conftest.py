@@ -1,12 +1,14 @@
 """Shared test fixtures and paths."""
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Real annotated samples in their published layouts. Read-only, never copied into the repo.
-SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+# CPSAM_SHARED_DATA points elsewhere when the checkout does not sit beside ../shared.
+SHARED_DATA = Path(os.environ.get("CPSAM_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
 
 
 @pytest.fixture(scope="session")
