@@ -12,28 +12,12 @@ Python). One JSON line per case; nothing is asserted.
 
 import argparse
 import json
-import os
-import platform
-import statistics
-import time
 
 import numba
 import numpy as np
 
-from benchmarks.real_labels import tiled_real_labels
+from benchmarks.common import CASES, cpu_description, median_seconds, tiled_real_labels
 from pipeline.flows import _masks_to_flows_reference, masks_to_flows
-
-CASES = {512: 125, 2048: 2000}
-
-
-def median_seconds(fn, repeats: int) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
-
 
 def cellpose_flows():
     """Cellpose's flow function on the CPU, or None when cellpose is not installed."""
@@ -61,23 +45,23 @@ def main() -> None:
     for size in args.sizes:
         labels = tiled_real_labels(size, CASES[size])
         masks_to_flows(labels)  # warm-up: numba compiles (or loads its cache) here
-        ours_s, ours = median_seconds(lambda: masks_to_flows(labels), args.repeats)
+        ours_s, _, ours = median_seconds(lambda: masks_to_flows(labels), args.repeats)
         record = {
             "name": "masks_to_flows",
             "size": [size, size],
             "n_objects": int(len(np.unique(labels)) - 1),
-            "device": f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
+            "device": cpu_description(),
             "numba_threads": numba.get_num_threads(),
             "versions": {"numpy": np.__version__, "numba": numba.__version__, "cellpose": cellpose_version},
             "ours_median_s": round(ours_s, 4),
             "repeats": args.repeats,
         }
         if size <= 512:
-            ref_s, ref = median_seconds(lambda: _masks_to_flows_reference(labels), 1)
+            ref_s, _, ref = median_seconds(lambda: _masks_to_flows_reference(labels), 1)
             record["numpy_reference_s"] = round(ref_s, 3)
             record["numpy_reference_equal"] = bool(np.array_equal(ref, ours))
         if reference_fn is not None:
-            theirs_s, theirs = median_seconds(lambda: reference_fn(labels), args.reference_repeats)
+            theirs_s, _, theirs = median_seconds(lambda: reference_fn(labels), args.reference_repeats)
             cosine = (ours.astype(np.float64) * theirs).sum(axis=0)[labels > 0]
             record.update(
                 cellpose_median_s=round(theirs_s, 3),

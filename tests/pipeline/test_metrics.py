@@ -7,7 +7,6 @@ written out here), and invariants / hand-computed values that need neither.
 
 import doctest
 import itertools
-import time
 
 import numpy as np
 import pytest
@@ -502,18 +501,13 @@ def test_docstring_examples():
 # --------------------------------------------------------------------------------------------
 
 
-def test_large_image_is_fast():
-    # The target: a 2048 x 2048 pair with ~2000 objects each well under a second.
+def test_large_image():
+    # A 2048 x 2048 pair with ~2000 objects each (its speed is in benchmarks/bench_metrics.py).
     masks_true = grid_labels()
     masks_pred = np.roll(masks_true, 7, axis=1)  # IoU 35/49 for every object
     assert np.unique(masks_true).size - 1 == 2025
-    timings = []
-    for _ in range(3):
-        start = time.perf_counter()
-        ap, tp, fp, fn = average_precision(masks_true, masks_pred)
-        timings.append(time.perf_counter() - start)
+    ap, tp, fp, fn = average_precision(masks_true, masks_pred)
     assert_array_equal(tp, [[2025, 0, 0]])
-    assert min(timings) < 1.0, f"average_precision took {min(timings):.2f} s"
 
 
 # --------------------------------------------------------------------------------------------

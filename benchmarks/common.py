@@ -1,10 +1,14 @@
-"""Benchmark inputs: large label images tiled from the real annotated samples.
+"""What the benchmark scripts share: real-label inputs, timing, and the machine's description.
 
-The real Cellpose "cyto" masks in ../shared/data are cut into 256x256 crops; a mosaic of crops,
-each renumbered so ids stay unique, gives a label image of any size with realistic object shapes,
-sizes and touching borders.
+Inputs: the real Cellpose "cyto" masks in ../shared/data are cut into 256x256 crops; a mosaic of
+crops, each renumbered so ids stay unique, gives a label image of any size with realistic object
+shapes, sizes and touching borders.
 """
 
+import os
+import platform
+import statistics
+import time
 from pathlib import Path
 
 import fastremap
@@ -13,6 +17,22 @@ from PIL import Image
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CROP = 256
+# The two sizes every benchmark reports, with the object count the issues ask for.
+CASES = {512: 125, 2048: 2000}
+
+
+def median_seconds(fn, repeats: int) -> tuple[float, list[float], object]:
+    """Median wall time of ``repeats`` calls of ``fn``, all times, and the last result."""
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times, result
+
+
+def cpu_description() -> str:
+    return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
 def _real_crops(root: Path) -> list[np.ndarray]:
