@@ -261,13 +261,42 @@ def generate_dataset(
     return _iterate_dataset(n, kinds, shape, seed, config)
 
 
+def dataset_item(
+    index: int,
+    kinds: Sequence[str] = KINDS,
+    shape: tuple[int, int] = (256, 256),
+    *,
+    seed: int = 0,
+    config: SyntheticConfig | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Image ``index`` of ``generate_dataset(n, kinds, shape, seed=seed, config=config)``, alone.
+
+    Lets a caller (shardgen's workers) draw any image of a dataset without the ones before it.
+
+    >>> a = list(generate_dataset(3, ("nuclei", "he"), (48, 48), seed=4))[2]
+    >>> b = dataset_item(2, ("nuclei", "he"), (48, 48), seed=4)
+    >>> bool((a[0] == b[0]).all() and (a[1] == b[1]).all())
+    True
+    """
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+        raise ValueError(f"index must be a non-negative int; got {index!r}.")
+    kinds = tuple(_check_kind(kind) for kind in kinds)
+    return _dataset_item(int(index), kinds, _check_shape(shape), _check_seed(seed), _check_config(config))
+
+
+def _dataset_item(
+    index: int, kinds: tuple[str, ...], shape: tuple[int, int], seed: int, config: SyntheticConfig
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    # SeedSequence mixes (seed, index) so neighbouring indices get unrelated streams.
+    image_seed = int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> 1)
+    return _generate(kinds[index % len(kinds)], shape, image_seed, None, None, config)
+
+
 def _iterate_dataset(
     n: int, kinds: tuple[str, ...], shape: tuple[int, int], seed: int, config: SyntheticConfig
 ) -> Iterator[tuple[np.ndarray, np.ndarray, dict]]:
     for index in range(n):
-        # SeedSequence mixes (seed, index) so neighbouring indices get unrelated streams.
-        image_seed = int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> 1)
-        yield _generate(kinds[index % len(kinds)], shape, image_seed, None, None, config)
+        yield _dataset_item(index, kinds, shape, seed, config)
 
 
 # --------------------------------------------------------------------------------------------

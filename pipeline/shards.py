@@ -1,0 +1,184 @@
+"""The shard format: what ``shardgen`` writes and ``train`` reads, defined once.
+
+A shard is a WebDataset tar. Each sample is four members sharing one key (no dots, no slashes):
+
+* ``<key>.image.npy.zst``  image (H, W, C) uint8 or uint16, C in 1..3, project channel order
+* ``<key>.labels.npy.zst`` instance labels (H, W) uint16 (uint32 past 65,535 objects), ids 1..N
+* ``<key>.flows.npy.zst``  unit flows (2, H, W) float16, (dy, dx), from ``pipeline.flows``
+* ``<key>.json``           metadata (see :class:`SampleMeta`)
+* ``<key>.ignore.npy.zst`` optional: (H, W) bool, True where the annotation is "don't care"
+  (e.g. MoNuSAC's ambiguous regions); the loss leaves those pixels out
+
+Arrays are ``.npy`` bytes (``np.save``, so dtype and shape travel with them) compressed with
+zstandard. Shards live at ``<root>/<dataset>/<dataset>-<split>-NNNNNN.tar``; ``<root>/
+manifest.parquet`` has one row per sample (:data:`MANIFEST_SCHEMA`), ``<root>/rejects.parquet``
+one row per source item that did not become a sample, and ``<root>/weights.yaml`` the
+per-dataset sampling weights.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import zstandard
+
+# Member suffixes of one sample inside a shard.
+IMAGE_KEY = "image.npy.zst"
+LABELS_KEY = "labels.npy.zst"
+FLOWS_KEY = "flows.npy.zst"
+META_KEY = "json"
+IGNORE_KEY = "ignore.npy.zst"
+SAMPLE_KEYS = (IMAGE_KEY, LABELS_KEY, FLOWS_KEY, META_KEY)  # always present; IGNORE_KEY optional
+
+MANIFEST_FILE = "manifest.parquet"
+REJECTS_FILE = "rejects.parquet"
+WEIGHTS_FILE = "weights.yaml"
+
+# zstd level 3 is the library default: ~4x faster to write than level 9 for ~5% more bytes, and
+# decoding speed (what training pays) barely depends on the level.
+_ZSTD_LEVEL = 3
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("dataset", pa.string()),
+        ("subset", pa.string()),  # "" or a part of the dataset with its own weight (omnipose bact_phase)
+        ("key", pa.string()),
+        ("shard", pa.string()),  # path relative to the shard root
+        ("split", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("channels", pa.int8()),
+        ("n_cells", pa.int32()),
+        ("diameter", pa.float32()),
+        ("source", pa.string()),  # the source item, relative to the dataset folder
+        ("modality", pa.string()),
+        ("channel_names", pa.string()),  # comma-separated, one name per image channel
+    ]
+)
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("dataset", pa.string()),
+        ("subset", pa.string()),
+        ("split", pa.string()),
+        ("source", pa.string()),
+        ("reason", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleMeta:
+    """The json member of a sample; the manifest row minus ``shard``."""
+
+    dataset: str
+    """Converter name, as ``python -m shardgen --list`` prints it."""
+    subset: str
+    """Part of the dataset that can carry its own sampling weight ("" when the dataset has none)."""
+    key: str
+    """WebDataset key of the sample, unique over the whole shard root."""
+    split: str
+    """Split as the dataset's authors publish it (train, test, val, ...)."""
+    source: str
+    """The source item relative to the dataset folder (``file`` or ``file[index]``)."""
+    height: int
+    width: int
+    channels: int
+    n_cells: int
+    diameter: float
+    """Cellpose's diameter: median over objects of sqrt(area) / (sqrt(pi) / 2)."""
+    modality: str
+    """fluorescence, brightfield, phase, he, ihc, ... (see shardgen's converters)."""
+    channel_names: tuple[str, ...]
+    """What each image channel holds, in the project's channel order."""
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> SampleMeta:
+        fields = json.loads(data)
+        fields["channel_names"] = tuple(fields["channel_names"])
+        return cls(**fields)
+
+    def manifest_row(self, shard: str) -> dict:
+        row = asdict(self)
+        row["channel_names"] = ",".join(self.channel_names)
+        row["shard"] = shard
+        return row
+
+
+def cellpose_diameter(labels: np.ndarray) -> float:
+    """Median over objects of sqrt(area) / (sqrt(pi) / 2): Cellpose's diameter definition.
+
+    0 for an image without objects.
+
+    >>> labels = np.zeros((20, 20), np.uint16)
+    >>> labels[2:6, 2:6] = 1
+    >>> round(cellpose_diameter(labels), 3)  # a 4x4 square: sqrt(16) / (sqrt(pi) / 2)
+    4.514
+    """
+    areas = np.bincount(labels.reshape(-1).astype(np.int64))[1:]
+    areas = areas[areas > 0]
+    if areas.size == 0:
+        return 0.0
+    return float(np.median(np.sqrt(areas)) / (math.sqrt(math.pi) / 2))
+
+
+def encode_array(array: np.ndarray) -> bytes:
+    """``.npy`` bytes of ``array``, zstandard-compressed."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(buffer.getvalue())
+
+
+def decode_array(data: bytes) -> np.ndarray:
+    """Inverse of :func:`encode_array`."""
+    raw = zstandard.ZstdDecompressor().decompress(data)
+    return np.load(io.BytesIO(raw), allow_pickle=False)
+
+
+def encode_sample(
+    image: np.ndarray,
+    labels: np.ndarray,
+    flows: np.ndarray,
+    meta: SampleMeta,
+    ignore: np.ndarray | None = None,
+) -> dict:
+    """WebDataset sample dict (``__key__`` plus the members) ready for a TarWriter."""
+    sample = {
+        "__key__": meta.key,
+        IMAGE_KEY: encode_array(image),
+        LABELS_KEY: encode_array(labels),
+        FLOWS_KEY: encode_array(flows.astype(np.float16)),
+        META_KEY: meta.to_json(),
+    }
+    if ignore is not None:
+        sample[IGNORE_KEY] = encode_array(ignore.astype(bool))
+    return sample
+
+
+def decode_sample(sample: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, SampleMeta, np.ndarray | None]:
+    """(image, labels, flows, meta, ignore) from a raw WebDataset sample dict of bytes.
+
+    ``ignore`` is None when the sample has no don't-care mask. Raises ValueError naming the key
+    and the member when a member is missing or undecodable.
+    """
+    key = sample.get("__key__", "?")
+    missing = [k for k in SAMPLE_KEYS if k not in sample]
+    if missing:
+        raise ValueError(f"sample {key!r} lacks member(s) {missing}; expected {list(SAMPLE_KEYS)}")
+    try:
+        image = decode_array(sample[IMAGE_KEY])
+        labels = decode_array(sample[LABELS_KEY])
+        flows = decode_array(sample[FLOWS_KEY])
+        meta = SampleMeta.from_json(sample[META_KEY])
+        ignore = decode_array(sample[IGNORE_KEY]) if IGNORE_KEY in sample else None
+    except Exception as error:  # zstd, npy and json errors all mean the same thing here
+        raise ValueError(f"sample {key!r} does not decode: {type(error).__name__}: {error}") from error
+    return image, labels, flows, meta, ignore
