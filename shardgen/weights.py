@@ -51,7 +51,7 @@ def read_overrides(path: str | Path | None) -> dict[str, float]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
-    if isinstance(data, dict) and set(data) == {"weights"}:
+    if isinstance(data, dict) and isinstance(data.get("weights"), dict):
         data = data["weights"]  # a weights.yaml written by shardgen can be edited and passed back
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of dataset (or dataset/subset) to weight; got {type(data).__name__}")
