@@ -4,8 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo_out
+SHARDS ?= shards
+DATA_ROOT ?=
+WORKERS ?= $(shell nproc)
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo shards test test-fast bench clean
 
 install: $(STAMP)
 
@@ -20,6 +23,16 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/python scripts/demo.py --out $(DEMO_OUT)
 
+# Every dataset folder under DATA_ROOT (named as `python -m shardgen --list` prints) into SHARDS;
+# without DATA_ROOT, the embedded default (synthetic images). Then re-read and check them all.
+shards: install
+ifeq ($(strip $(DATA_ROOT)),)
+	$(BIN)/python -m shardgen --dataset synthetic --out $(SHARDS) --workers $(WORKERS)
+else
+	$(BIN)/python -m shardgen --data-root $(DATA_ROOT) --out $(SHARDS) --workers $(WORKERS)
+endif
+	$(BIN)/python -m shardgen verify $(SHARDS)
+
 test: install
 	$(BIN)/pytest
 
@@ -28,6 +41,8 @@ test-fast: install
 
 bench: install
 	$(BIN)/python -m benchmarks.bench_flows
+	$(BIN)/python -m benchmarks.bench_masks
+	$(BIN)/python -m benchmarks.bench_shardgen
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(DEMO_OUT) $(SHARDS) .pytest_cache .hypothesis
