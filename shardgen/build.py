@@ -397,6 +397,7 @@ def _all_sidecars(out: Path) -> list[dict]:
 def finalize(out: str | Path, weights_file: str | Path | None = None) -> None:
     """Rebuild ``manifest.parquet``, ``rejects.parquet`` and ``weights.yaml`` from the sidecars."""
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     sidecars = _all_sidecars(out)
     rows = sorted((r for s in sidecars for r in s["samples"]), key=lambda r: (r["dataset"], r["key"]))
     rejects = sorted(
