@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -205,7 +206,10 @@ def _ordered_map(fn: Callable, tasks: Iterable[tuple], pool: ProcessPoolExecutor
 
 
 def _group_prefix(name: str, subset: str, split: str) -> str:
-    return "-".join(part for part in (name, subset, split) if part)
+    """File-name and key prefix of a group. WebDataset splits a member name at its first dot
+    into key and member, so anything but letters, digits, ``_`` and ``-`` becomes ``_``."""
+    parts = (re.sub(r"[^A-Za-z0-9_-]", "_", part) for part in (name, subset, split) if part)
+    return "-".join(parts)
 
 
 def _fingerprint(items: list[Item]) -> str:
