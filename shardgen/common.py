@@ -33,6 +33,15 @@ def image_files(folder: Path, suffixes: Iterable[str] = SUPPORTED_SUFFIXES) -> l
     )
 
 
+def found_in(root: Path, limit: int = 20) -> str:
+    """What a folder holds, for a LayoutError message: its first entries, or that it is missing."""
+    if not root.is_dir():
+        return "no such folder" if not root.exists() else "a file, not a folder"
+    names = sorted(p.name for p in root.iterdir())
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return (", ".join(names[:limit]) or "an empty folder") + more
+
+
 def pair_items(
     root: Path,
     images: Iterable[Path],
@@ -75,6 +84,19 @@ def load_pair(root: Path, item: Item, **read_kwargs) -> Loaded:
     image = read_image(root / image_rel, **read_kwargs)
     labels = read_labels(root / label_rel)
     return Loaded(image=image, labels=labels)
+
+
+def open_npy(path: Path) -> np.ndarray:
+    """Memory map of a ``.npy`` file (only its header is read); ItemError naming the file if
+    it is missing, truncated or corrupt. Index it to read one image at a time."""
+    if not path.is_file():
+        raise ItemError(f"{path}: missing")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise ItemError(
+            f"{path}: cannot read this .npy ({type(error).__name__}: {error}); it is truncated or corrupt"
+        ) from error
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,8 +145,48 @@ def rasterise_polygons(polygons: Iterable[np.ndarray], shape: tuple[int, int]) -
 
 
 # ------------------------------------------------------------------------------------------------
-# Image dtypes
+# Channels and image dtypes
 # ------------------------------------------------------------------------------------------------
+
+
+def merge_identical_channels(image: np.ndarray) -> np.ndarray:
+    """(H, W, 1) when every channel of ``image`` (H, W, C) equals the first, else ``image``.
+
+    Grayscale saved as RGB is common; keeping one copy loses nothing.
+    """
+    if image.shape[2] > 1 and all(np.array_equal(image[:, :, c], image[:, :, 0]) for c in range(1, image.shape[2])):
+        return np.ascontiguousarray(image[:, :, :1])
+    return image
+
+
+def single_channel(image: np.ndarray, source: str) -> np.ndarray:
+    """(H, W, 1) from an image that must be grayscale; ItemError naming ``source`` otherwise."""
+    merged = merge_identical_channels(image)
+    if merged.shape[2] != 1:
+        raise ItemError(
+            f"{source}: expected a single-channel image; got {image.shape[2]} channels that differ "
+            f"(shape {image.shape}), and which one holds the signal is not documented"
+        )
+    return merged
+
+
+def generic_channel_names(n_channels: int) -> tuple[str, ...]:
+    """``channel_0``, ``channel_1``, ... for images whose channels carry no documented meaning."""
+    return tuple(f"channel_{c}" for c in range(n_channels))
+
+
+def colour_channel_names(n_channels: int) -> tuple[str, ...]:
+    """("gray",) for one channel, RGB names for three, generic names otherwise."""
+    return {1: ("gray",), 3: ("red", "green", "blue")}.get(n_channels, generic_channel_names(n_channels))
+
+
+def check_same_size(image: np.ndarray, labels: np.ndarray, image_name: str, labels_name: str) -> None:
+    """ItemError naming both files when the labels are not the image's height and width."""
+    if labels.shape != image.shape[:2]:
+        raise ItemError(
+            f"{labels_name} is {labels.shape[0]}x{labels.shape[1]} but image {image_name} is "
+            f"{image.shape[0]}x{image.shape[1]}; they must have the same height and width"
+        )
 
 
 def as_uint_image(image: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ import numpy as np
 
 from pipeline.io import read_image
 from shardgen.base import DatasetInfo, Item, ItemError, LayoutError, Loaded
-from shardgen.common import as_uint_image, binary_to_instances, image_files, pair_items
+from shardgen.common import as_uint_image, binary_to_instances, found_in, image_files, pair_items
 
 INFO = DatasetInfo(
     name="bccd",
@@ -48,7 +48,7 @@ FOREGROUND_ABOVE = 127  # on any channel; 0 for 0/1 masks
 def find_items(root: Path, split: str) -> list[Item]:
     root = Path(root)
     if not (root / TOP).is_dir():
-        found = sorted(p.name for p in root.iterdir())[:10] if root.is_dir() else "no such folder"
+        found = found_in(root)
         raise LayoutError(f"{root}: not a BCCD-with-mask folder; expected {INFO.layout}; found {found}")
     if split not in INFO.splits:
         return []

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from shardgen.base import DatasetInfo, Item, ItemError, LayoutError, Loaded
+from shardgen.common import found_in, open_npy
 
 _log = logging.getLogger(__name__)
 
@@ -55,12 +56,12 @@ def find_items(root: Path, split: str) -> list[Item]:
         raise ValueError(f"conic has splits {INFO.splits}; got {split!r}")
     root = Path(root)
     if not (root / IMAGES_FILE).is_file() and not (root / LABELS_FILE).is_file():
-        found = sorted(p.name for p in root.iterdir())[:20] if root.is_dir() else "nothing (not a folder)"
+        found = found_in(root)
         raise LayoutError(f"{root}: not a CoNIC folder; expected {INFO.layout}; found {found}")
     counts = []
     for name in (IMAGES_FILE, LABELS_FILE):
         try:
-            counts.append(len(_open_rows(root / name)))
+            counts.append(len(open_npy(root / name)))
         except ValueError as error:  # missing or unreadable: counted by the other file
             _log.warning("%s", error)
     if not counts:
@@ -72,7 +73,7 @@ def find_items(root: Path, split: str) -> list[Item]:
 def load(root: Path, item: Item) -> Loaded:
     (row,) = item.ref
     root = Path(root)
-    images, labels = _open_rows(root / IMAGES_FILE), _open_rows(root / LABELS_FILE)
+    images, labels = open_npy(root / IMAGES_FILE), open_npy(root / LABELS_FILE)
     if row is None:
         raise ItemError(f"{root / IMAGES_FILE}: could not be listed")
     if images.ndim != 4 or images.shape[3] != 3 or labels.ndim != 4 or labels.shape[:3] != images.shape[:3]:
@@ -89,15 +90,3 @@ def load(root: Path, item: Item) -> Loaded:
     if instances.size and instances.min() < 0:
         raise ItemError(f"{root / LABELS_FILE}[{row}]: negative instance ids")
     return Loaded(image=image, labels=instances.astype(np.uint32))
-
-
-def _open_rows(path: Path) -> np.ndarray:
-    """Memory map of a ``.npy`` (header read only); ValueError naming the file if unreadable."""
-    if not path.is_file():
-        raise ItemError(f"{path}: missing; expected {INFO.layout}")
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise ItemError(
-            f"{path}: cannot read this .npy ({type(error).__name__}: {error}); it is truncated or corrupt"
-        ) from error

@@ -43,7 +43,7 @@ import scipy.io
 
 from pipeline.io import read_image, read_labels
 from shardgen.base import DatasetInfo, Item, ItemError, LayoutError, Loaded
-from shardgen.common import as_uint_image, image_files
+from shardgen.common import as_uint_image, found_in, image_files
 
 INFO = DatasetInfo(
     name="cpm",
@@ -62,7 +62,7 @@ MAT_KEY = "inst_map"
 def find_items(root: Path, split: str) -> list[Item]:
     root = Path(root)
     if not (root / "cpm15").is_dir() and not (root / "cpm17").is_dir():
-        found = sorted(p.name for p in root.iterdir())[:10] if root.is_dir() else "no such folder"
+        found = found_in(root)
         raise LayoutError(f"{root}: not a CPM folder; expected {INFO.layout}; found {found}")
     if split not in INFO.splits:
         return []

@@ -27,7 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shardgen.base import DatasetInfo, Item, ItemError, LayoutError, Loaded
-from shardgen.common import image_files, load_pair, pair_items
+from shardgen.common import found_in, image_files, load_pair, pair_items
 
 INFO = DatasetInfo(
     name="cryonuseg",
@@ -53,7 +53,7 @@ def _label_folder(root: Path) -> Path:
 def find_items(root: Path, split: str) -> list[Item]:
     root = Path(root)
     if not (root / IMAGES).is_dir():
-        found = sorted(p.name for p in root.iterdir()) if root.is_dir() else "no such folder"
+        found = found_in(root)
         raise LayoutError(
             f"{root} is not the CryoNuSeg folder: expected {INFO.layout}; found {found}. Pass the "
             "folder the Kaggle archive unpacked into (the one holding 'tissue images')."

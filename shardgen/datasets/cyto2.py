@@ -49,7 +49,7 @@ import numpy as np
 
 from pipeline.io import read_image, read_labels
 from shardgen.base import DatasetInfo, Item, ItemError, LayoutError, Loaded
-from shardgen.common import as_uint_image, image_files
+from shardgen.common import as_uint_image, found_in, image_files
 
 INFO = DatasetInfo(
     name="cyto2",
@@ -117,7 +117,7 @@ def find_items(root: Path, split: str) -> list[Item]:
     root = Path(root)
     every_folder = [folder for pairs in FOLDERS.values() for folder, _ in pairs]
     if not any((root / folder).is_dir() for folder in every_folder):
-        found = sorted(p.name for p in root.iterdir())[:10] if root.is_dir() else "no such folder"
+        found = found_in(root)
         raise LayoutError(f"{root}: expected the Cellpose cyto layout ({INFO.layout}); found {found}")
     items = []
     for folder, subset in FOLDERS[split]:

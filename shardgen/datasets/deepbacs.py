@@ -52,7 +52,7 @@ import numpy as np
 
 from pipeline.io import SUPPORTED_SUFFIXES
 from shardgen.base import DatasetInfo, Item, ItemError, LayoutError, Loaded
-from shardgen.common import as_uint_image, binary_to_instances, image_files, load_pair, pair_items
+from shardgen.common import as_uint_image, binary_to_instances, image_files, load_pair, pair_items, single_channel
 
 INFO = DatasetInfo(
     name="deepbacs",
@@ -262,15 +262,6 @@ def find_items(root: Path, split: str) -> list[Item]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _single_channel(image: np.ndarray, path: str) -> np.ndarray:
-    """(H, W, 1) from an (H, W, C) image whose channels are all equal; ItemError otherwise."""
-    if image.shape[2] == 1:
-        return image
-    if all(np.array_equal(image[:, :, 0], image[:, :, c]) for c in range(1, image.shape[2])):
-        return image[:, :, :1]
-    raise ItemError(f"{path}: expected a single-channel image; got {image.shape[2]} channels that differ")
-
-
 def _instances(labels: np.ndarray) -> np.ndarray:
     """Labels as stored, or connected components when the mask is binary (one non-zero value)."""
     values = np.unique(labels)
@@ -297,5 +288,5 @@ def load(root: Path, item: Item) -> Loaded:
     pair = load_pair(root, dataclasses.replace(item, ref=tuple(ref)))
     image_rel = ref[0]
     modality, channel_names = IMAGE_KINDS[Path(image_rel).parent.name]
-    image = as_uint_image(_single_channel(pair.image, image_rel))
+    image = as_uint_image(single_channel(pair.image, image_rel))
     return Loaded(image=image, labels=_instances(pair.labels), modality=modality, channel_names=channel_names)

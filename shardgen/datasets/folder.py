@@ -33,9 +33,6 @@ Images: as stored (``pipeline.io`` channel policy), except that channels that ar
 (gray saved as RGB) become one channel, losslessly, as the project convention wants for gray
 images. Modality "mixed"; channel names are generic (``channel_0`` ...), because only the user
 knows what they hold. Float or odd dtypes go through ``as_uint_image``.
-
-:func:`merge_identical_channels`, :func:`generic_channel_names` and :func:`check_same_size` are
-also used by ``neurips22`` and ``instance_pngs``.
 """
 
 from __future__ import annotations
@@ -46,7 +43,15 @@ import numpy as np
 
 from pipeline.io import read_image, read_labels
 from shardgen.base import DatasetInfo, Item, ItemError, LayoutError, Loaded
-from shardgen.common import as_uint_image, binary_to_instances, image_files
+from shardgen.common import (
+    as_uint_image,
+    binary_to_instances,
+    check_same_size,
+    found_in,
+    generic_channel_names,
+    image_files,
+    merge_identical_channels,
+)
 
 INFO = DatasetInfo(
     name="folder",
@@ -60,30 +65,6 @@ INFO = DatasetInfo(
 
 LIST_FILES = {"train": "train_list.txt", "test": "test_list.txt"}
 MASK_SUFFIXES = ("_masks", "_mask", "_label", "_labels", "")
-
-
-# ------------------------------------------------------------------------------------------------
-# Helpers shared with neurips22 and instance_pngs
-# ------------------------------------------------------------------------------------------------
-
-
-def merge_identical_channels(image: np.ndarray) -> np.ndarray:
-    """(H, W, 1) when every channel of ``image`` (H, W, C) equals the first, else ``image``."""
-    if image.shape[2] > 1 and all(np.array_equal(image[:, :, c], image[:, :, 0]) for c in range(1, image.shape[2])):
-        return np.ascontiguousarray(image[:, :, :1])
-    return image
-
-
-def generic_channel_names(n_channels: int) -> tuple[str, ...]:
-    return tuple(f"channel_{c}" for c in range(n_channels))
-
-
-def check_same_size(image: np.ndarray, labels: np.ndarray, image_name: str, labels_name: str) -> None:
-    if labels.shape != image.shape[:2]:
-        raise ItemError(
-            f"{labels_name} is {labels.shape[0]}x{labels.shape[1]} but image {image_name} is "
-            f"{image.shape[0]}x{image.shape[1]}; they must have the same height and width"
-        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,7 +134,7 @@ def find_items(root: Path, split: str) -> list[Item]:
     root = Path(root)
     has_lists = any((root / name).is_file() for name in LIST_FILES.values())
     if not has_lists and not ((root / "images").is_dir() and (root / "masks").is_dir()):
-        found = sorted(p.name for p in root.iterdir())[:10] if root.is_dir() else "no such folder"
+        found = found_in(root)
         raise LayoutError(f"{root}: expected {INFO.layout}; found {found}")
     if (root / LIST_FILES[split]).is_file():
         return _list_file_items(root, split)

@@ -43,7 +43,7 @@ import scipy.ndimage
 
 from pipeline.io import SUPPORTED_SUFFIXES, read_image
 from shardgen.base import DatasetInfo, Item, ItemError, LayoutError, Loaded
-from shardgen.common import binary_to_instances, image_files, pair_items
+from shardgen.common import binary_to_instances, found_in, image_files, open_npy, pair_items
 
 _log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def find_items(root: Path, split: str) -> list[Item]:
     root = Path(root)
     base = _dataset_dir(root)
     if base is None:
-        found = sorted(p.name for p in root.iterdir())[:20] if root.is_dir() else "nothing (not a folder)"
+        found = found_in(root)
         raise LayoutError(f"{root}: not an IHC TMA folder; expected {INFO.layout}; found {found}")
     images = image_files(base / "images", _IMAGE_SUFFIXES)
     masks = image_files(base / "masks", (".npy",))
@@ -111,12 +111,7 @@ def load(root: Path, item: Item) -> Loaded:
         raise ItemError(f"{root / image_rel}: image has no mask file (expected masks/{Path(image_rel).stem}.npy)")
     image = read_image(root / image_rel)
     mask_path = root / mask_rel
-    try:
-        masks = np.load(mask_path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise ItemError(
-            f"{mask_path}: cannot read this .npy ({type(error).__name__}: {error}); it is truncated or corrupt"
-        ) from error
+    masks = open_npy(mask_path)
     channels = _two_channels(masks, image.shape[:2], mask_path)
     return Loaded(image=image, labels=nuclear_masks_to_instances(channels, mask_path))
 

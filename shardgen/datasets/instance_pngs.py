@@ -37,8 +37,7 @@ import numpy as np
 
 from pipeline.io import read_image
 from shardgen.base import DatasetInfo, Item, ItemError, LayoutError, Loaded
-from shardgen.common import as_uint_image, image_files
-from shardgen.datasets.folder import generic_channel_names, merge_identical_channels
+from shardgen.common import as_uint_image, colour_channel_names, found_in, image_files, merge_identical_channels
 
 INFO = DatasetInfo(
     name="instance_pngs",
@@ -62,7 +61,7 @@ def find_items(root: Path, split: str) -> list[Item]:
         raise LayoutError(f"{root}: no such folder; expected {INFO.layout}")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not _is_debris(p))
     if not any((p / "images").is_dir() or (p / "masks").is_dir() for p in folders):
-        found = sorted(p.name for p in root.iterdir())[:10]
+        found = found_in(root)
         raise LayoutError(
             f"{root}: expected per-image folders {INFO.layout}; found no <id>/images or <id>/masks "
             f"(contents: {found}). Point --src at the folder that holds the <id> folders."
@@ -108,5 +107,5 @@ def load(root: Path, item: Item) -> Loaded:
     image_path = _image_path(folder)
     image = merge_identical_channels(as_uint_image(read_image(image_path)))
     labels = masks_to_labels(image_files(folder / "masks"), image.shape[:2], root)
-    names = {1: ("gray",), 3: ("red", "green", "blue")}.get(image.shape[2], generic_channel_names(image.shape[2]))
+    names = colour_channel_names(image.shape[2])
     return Loaded(image=image, labels=labels, channel_names=names)

@@ -54,7 +54,7 @@ from PIL import Image, ImageDraw
 
 from pipeline.io import read_image
 from shardgen.base import DatasetInfo, Item, ItemError, LayoutError, Loaded
-from shardgen.common import as_uint_image
+from shardgen.common import as_uint_image, found_in
 
 INFO = DatasetInfo(
     name="livecell",
@@ -213,7 +213,7 @@ def find_items(root: Path, split: str) -> list[Item]:
 def _check_layout(root: Path) -> None:
     if (root / ANNOTATION_DIR).is_dir() or any((root / "images" / d).is_dir() for d in SPLITS_OF_IMAGE_DIR):
         return
-    found = sorted(p.name for p in root.iterdir())[:10] if root.is_dir() else "no such folder"
+    found = found_in(root)
     raise LayoutError(f"{root}: not a LIVECell folder; expected {INFO.layout}; found {found}")
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from shardgen.base import DatasetInfo, Item, ItemError, LayoutError, Loaded
-from shardgen.common import as_uint_image
+from shardgen.common import as_uint_image, found_in, open_npy
 
 INFO = DatasetInfo(
     name="lynsec",
@@ -77,7 +77,7 @@ def find_items(root: Path, split: str) -> list[Item]:
     root = Path(root)
     folder_root = _dataset_dir(root)
     if not any((folder_root / name).is_dir() for name in FOLDERS):
-        found = sorted(p.name for p in root.iterdir())[:20] if root.is_dir() else "nothing (not a folder)"
+        found = found_in(root)
         raise LayoutError(f"{root}: not a LyNSeC folder; expected {INFO.layout}; found {found}")
     items = []
     for name, (_, subset) in FOLDERS.items():
@@ -103,12 +103,7 @@ def load(root: Path, item: Item) -> Loaded:
             f"{path}: labels do not match the image (known LyNSeC issue for 0_l2..{_LAST_MISALIGNED}_l2 in "
             "'lynsec 2'; torch-em skips these files, InstanSeg the whole folder)"
         )
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise ItemError(
-            f"{path}: cannot read this .npy ({type(error).__name__}: {error}); it is truncated or corrupt"
-        ) from error
+    array = open_npy(path)
     if array.ndim != 3 or array.shape[2] < 4:
         raise ItemError(f"{path}: expected (H, W, C) with C >= 4 (RGB + instance labels); got shape {array.shape}")
     if array.dtype.kind not in "fiub":

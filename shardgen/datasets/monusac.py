@@ -50,7 +50,7 @@ import numpy as np
 
 from pipeline.io import read_image
 from shardgen.base import DatasetInfo, Item, ItemError, LayoutError, Loaded
-from shardgen.common import as_uint_image, rasterise_polygons
+from shardgen.common import as_uint_image, found_in, rasterise_polygons
 
 _log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def find_items(root: Path, split: str) -> list[Item]:
     root = Path(root)
     tops = _top_folders(root)
     if not tops:
-        found = sorted(p.name for p in root.iterdir())[:10] if root.is_dir() else "no such folder"
+        found = found_in(root)
         raise LayoutError(f"{root}: not a MoNuSAC 2020 folder; expected {INFO.layout}; found {found}")
     items = []
     for top in (top for top, top_split in tops if top_split == split):

@@ -37,7 +37,7 @@ import numpy as np
 
 from pipeline.io import read_image
 from shardgen.base import DatasetInfo, Item, ItemError, LayoutError, Loaded
-from shardgen.common import as_uint_image, image_files, pair_items, rasterise_polygons
+from shardgen.common import as_uint_image, found_in, image_files, pair_items, rasterise_polygons
 
 _log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def find_items(root: Path, split: str) -> list[Item]:
     root = Path(root)
     train_tops = _train_tops(root)
     if not train_tops and not (root / TEST_DIR).is_dir():
-        found = sorted(p.name for p in root.iterdir())[:10] if root.is_dir() else "no such folder"
+        found = found_in(root)
         raise LayoutError(f"{root}: not a MoNuSeg 2018 folder; expected {INFO.layout}; found {found}")
     if split not in INFO.splits:
         return []

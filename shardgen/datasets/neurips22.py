@@ -40,8 +40,7 @@ from pathlib import Path
 
 from pipeline.io import read_image, read_labels
 from shardgen.base import DatasetInfo, Item, ItemError, LayoutError, Loaded
-from shardgen.common import as_uint_image, image_files
-from shardgen.datasets.folder import check_same_size, generic_channel_names, merge_identical_channels
+from shardgen.common import as_uint_image, check_same_size, colour_channel_names, found_in, image_files, merge_identical_channels
 
 INFO = DatasetInfo(
     name="neurips22",
@@ -98,7 +97,7 @@ def find_items(root: Path, split: str) -> list[Item]:
     root = Path(root)
     tops = {folder.split("/")[0] for pairs in FOLDERS.values() for folder, _, _ in pairs}
     if not any((root / top).is_dir() for top in tops):
-        found = sorted(p.name for p in root.iterdir())[:10] if root.is_dir() else "no such folder"
+        found = found_in(root)
         raise LayoutError(f"{root}: expected the NeurIPS 2022 CellSeg layout ({INFO.layout}); found {found}")
     items = []
     for images_folder, labels_folder, subset in FOLDERS[split]:
@@ -119,5 +118,5 @@ def load(root: Path, item: Item) -> Loaded:
     image = merge_identical_channels(as_uint_image(read_image(root / image_rel)))
     labels = read_labels(root / label_rel)
     check_same_size(image, labels, image_rel, label_rel)
-    names = {1: ("gray",), 3: ("red", "green", "blue")}.get(image.shape[2], generic_channel_names(image.shape[2]))
+    names = colour_channel_names(image.shape[2])
     return Loaded(image=image, labels=labels, channel_names=names)

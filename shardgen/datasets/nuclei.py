@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from shardgen.base import DatasetInfo, Item, ItemError, LayoutError, Loaded
+from shardgen.common import found_in
 from shardgen.datasets.cyto2 import find_cellpose_pairs, read_pair
 
 INFO = DatasetInfo(
@@ -51,7 +52,7 @@ def find_items(root: Path, split: str) -> list[Item]:
         raise ValueError(f"{INFO.name} publishes splits {INFO.splits}; got {split!r}")
     root = Path(root)
     if not any((root / folder).is_dir() for folder in INFO.splits):
-        found = sorted(p.name for p in root.iterdir())[:10] if root.is_dir() else "no such folder"
+        found = found_in(root)
         raise LayoutError(f"{root}: expected the Cellpose nuclei layout ({INFO.layout}); found {found}")
     return find_cellpose_pairs(root, split, split, "")
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from pipeline.io import read_image, read_labels
 from shardgen.base import DatasetInfo, Item, ItemError, LayoutError, Loaded
-from shardgen.common import image_files, pair_items
+from shardgen.common import found_in, image_files, pair_items
 
 INFO = DatasetInfo(
     name="nuinsseg",
@@ -63,7 +63,7 @@ def find_items(root: Path, split: str) -> list[Item]:
     root = Path(root)
     tissues = _tissue_folders(root)
     if not tissues:
-        found = sorted(p.name for p in root.iterdir()) if root.is_dir() else "no such folder"
+        found = found_in(root)
         raise LayoutError(
             f"{root} is not the NuInsSeg folder: expected {INFO.layout} (or the <tissue> folders "
             f"directly); found {found}."

@@ -38,7 +38,7 @@ import numpy as np
 
 from pipeline.io import SUPPORTED_SUFFIXES
 from shardgen.base import DatasetInfo, Item, ItemError, LayoutError, Loaded
-from shardgen.common import as_uint_image, load_pair, pair_items
+from shardgen.common import as_uint_image, found_in, load_pair, pair_items, single_channel
 
 INFO = DatasetInfo(
     name="omnipose",
@@ -91,7 +91,7 @@ def _split_folders(root: Path) -> list[Path]:
 def find_items(root: Path, split: str) -> list[Item]:
     root = Path(root)
     if not any(folder.is_dir() for folder in _split_folders(root)):
-        found = sorted(p.name for p in root.iterdir()) if root.is_dir() else "no such folder"
+        found = found_in(root)
         raise LayoutError(
             f"{root} is not the Omnipose datasets folder: expected {INFO.layout}; found {found}. "
             "Pass the folder that datasets.zip unpacked into (the one holding bact_phase/, worm/, ...)."
@@ -113,18 +113,6 @@ def find_items(root: Path, split: str) -> list[Item]:
     return items
 
 
-def _single_channel(image: np.ndarray, path: str) -> np.ndarray:
-    """(H, W, 1) from an (H, W, C) image whose channels are all equal; ItemError otherwise."""
-    if image.shape[2] == 1:
-        return image
-    if all(np.array_equal(image[:, :, 0], image[:, :, c]) for c in range(1, image.shape[2])):
-        return image[:, :, :1]
-    raise ItemError(
-        f"{path}: expected a single-channel image; got {image.shape[2]} channels that differ "
-        f"(shape {image.shape}), and which one holds the signal is not documented"
-    )
-
-
 def load(root: Path, item: Item) -> Loaded:
     root = Path(root)
     image_rel, label_rel = item.ref
@@ -133,5 +121,5 @@ def load(root: Path, item: Item) -> Loaded:
         raise ItemError(f"image {image_rel} has no label file ({stem}{MASK_SUFFIX}.tif, .tiff or .png)")
     pair = load_pair(root, item)
     _, modality, channel_names = SUBSETS[item.subset]
-    image = as_uint_image(_single_channel(pair.image, image_rel))
+    image = as_uint_image(single_channel(pair.image, image_rel))
     return Loaded(image=image, labels=pair.labels, modality=modality, channel_names=channel_names)

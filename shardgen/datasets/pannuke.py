@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from shardgen.base import DatasetInfo, Item, ItemError, LayoutError, Loaded
+from shardgen.common import found_in, open_npy
 
 _log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def find_items(root: Path, split: str) -> list[Item]:
     root = Path(root)
     folds = [f"Fold {s.removeprefix('fold')}" for s in INFO.splits]
     if not any((root / fold).is_dir() for fold in folds):
-        found = sorted(p.name for p in root.iterdir())[:20] if root.is_dir() else "nothing (not a folder)"
+        found = found_in(root)
         raise LayoutError(f"{root}: not a PanNuke folder; expected {INFO.layout}; found {found}")
     images_rel, masks_rel = _fold_files(split)
     if not (root / images_rel).is_file() and not (root / masks_rel).is_file():
@@ -87,7 +88,7 @@ def find_items(root: Path, split: str) -> list[Item]:
     counts = []
     for rel in (images_rel, masks_rel):
         try:
-            counts.append(len(_open_rows(root / rel)))
+            counts.append(len(open_npy(root / rel)))
         except ValueError as error:  # missing or unreadable: counted by the other file
             _log.warning("%s", error)
     if not counts:
@@ -100,7 +101,7 @@ def find_items(root: Path, split: str) -> list[Item]:
 def load(root: Path, item: Item) -> Loaded:
     images_rel, masks_rel, row = item.ref
     root = Path(root)
-    images, masks = _open_rows(root / images_rel), _open_rows(root / masks_rel)
+    images, masks = open_npy(root / images_rel), open_npy(root / masks_rel)
     if row is None:
         raise ItemError(f"{root / images_rel}: could not be listed")
     if (
@@ -134,15 +135,3 @@ def _as_uint8_rgb(image: np.ndarray, what: str) -> np.ndarray:
     if not np.isfinite(image).all() or image.min() < 0 or image.max() > 255:
         raise ItemError(f"{what}: image values must be finite and within 0..255; got {image.min()}..{image.max()}")
     return np.round(image).astype(np.uint8)
-
-
-def _open_rows(path: Path) -> np.ndarray:
-    """Memory map of a ``.npy`` (header read only); ItemError naming the file if unreadable."""
-    if not path.is_file():
-        raise ItemError(f"{path}: missing; expected {INFO.layout}")
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise ItemError(
-            f"{path}: cannot read this .npy ({type(error).__name__}: {error}); it is truncated or corrupt"
-        ) from error

@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from shardgen.base import DatasetInfo, Item, ItemError, LayoutError, Loaded
-from shardgen.common import as_uint_image
+from shardgen.common import as_uint_image, found_in
 
 _log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ def find_items(root: Path, split: str) -> list[Item]:
         raise ValueError(f"tissuenet has splits {INFO.splits}; got {split!r}")
     root = Path(root)
     if not any(_split_files(root, s) for s in INFO.splits):
-        found = sorted(p.name for p in root.iterdir())[:20] if root.is_dir() else "nothing (not a folder)"
+        found = found_in(root)
         raise LayoutError(f"{root}: not a TissueNet folder; expected {INFO.layout}; found {found}")
     files = _split_files(root, split)
     if len(files) > 1:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from pipeline.io import read_image
 from shardgen.base import DatasetInfo, Item, ItemError, LayoutError, Loaded
-from shardgen.common import as_uint_image, binary_to_instances, image_files, pair_items
+from shardgen.common import as_uint_image, binary_to_instances, found_in, image_files, pair_items
 
 INFO = DatasetInfo(
     name="tnbc",
@@ -53,7 +53,7 @@ def find_items(root: Path, split: str) -> list[Item]:
     root = Path(root)
     tops = [root / name for name in TOPS if (root / name).is_dir()]
     if not tops:
-        found = sorted(p.name for p in root.iterdir())[:10] if root.is_dir() else "no such folder"
+        found = found_in(root)
         raise LayoutError(f"{root}: not a TNBC folder; expected {INFO.layout}; found {found}")
     if split not in INFO.splits:
         return []

@@ -37,7 +37,7 @@ import tifffile
 
 from pipeline.io import SUPPORTED_SUFFIXES, read_image, read_labels
 from shardgen.base import DatasetInfo, Item, ItemError, LayoutError, Loaded
-from shardgen.common import as_uint_image
+from shardgen.common import as_uint_image, found_in, single_channel
 
 INFO = DatasetInfo(
     name="yeaz",
@@ -81,7 +81,7 @@ def find_items(root: Path, split: str) -> list[Item]:
     root = Path(root)
     folders = {subset: root / folder for subset, (folder, _, _) in SUBSETS.items()}
     if not any(folder.is_dir() for folder in folders.values()):
-        found = sorted(p.name for p in root.iterdir()) if root.is_dir() else "no such folder"
+        found = found_in(root)
         raise LayoutError(
             f"{root} is not the YeaZ folder: expected {INFO.layout}; found {found}. Unpack the "
             "tarballs into this folder so that each makes its gold-standard-* folder."
@@ -211,15 +211,6 @@ def _count_frames(path: Path) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def _single_channel(image: np.ndarray, path: str) -> np.ndarray:
-    """(H, W, 1) from an (H, W, C) image whose channels are all equal; ItemError otherwise."""
-    if image.shape[2] == 1:
-        return image
-    if all(np.array_equal(image[:, :, 0], image[:, :, c]) for c in range(1, image.shape[2])):
-        return image[:, :, :1]
-    raise ItemError(f"{path}: expected a grayscale image; got {image.shape[2]} channels that differ")
-
-
 def _label_frame(plane: np.ndarray, path: Path, frame: int) -> np.ndarray:
     """Check a mask frame holds non-negative whole-number ids; return it as an integer array."""
     if plane.dtype.kind == "f":
@@ -259,5 +250,5 @@ def load(root: Path, item: Item) -> Loaded:
         _check_frame_counts(image_rel, n_image, mask_rel, _count_frames(mask_path))
         image = plane[:, :, np.newaxis]
         labels = _label_frame(_read_tiff(mask_path, frame)[1], mask_path, frame)
-    image = as_uint_image(_single_channel(image, image_rel))
+    image = as_uint_image(single_channel(image, image_rel))
     return Loaded(image=image, labels=labels, modality=modality, channel_names=channel_names)
