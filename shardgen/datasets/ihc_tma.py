@@ -9,8 +9,8 @@ holding ``IHC_TMA_dataset/`` or ``IHC_TMA_dataset/`` itself)::
 Splits are the published folds ``fold1``, ``fold2``, ``fold3``, taken from the file-name prefix
 (torch-em maps them to train / val / test). One item per image, paired with the mask of the same
 stem; an image without a mask, or a mask without an image, is still an item and is rejected by
-``load``. Files whose names start with no ``fold<k>_`` belong to no split; ``find_items`` logs
-them.
+``load``. Files whose names start with no ``fold<k>_`` belong to no split; they are listed with
+``fold1`` (the first split) and rejected there, so they show up in ``rejects.parquet``.
 
 What this converter does about the "Tricky" notes (the channel semantics are unconfirmed:
 probably positive and negative nuclei, and whether they hold instance ids or 0/1 is unknown):
@@ -34,7 +34,6 @@ probably positive and negative nuclei, and whether they hold instance ids or 0/1
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 
@@ -44,8 +43,6 @@ import scipy.ndimage
 from pipeline.io import SUPPORTED_SUFFIXES, read_image
 from shardgen.base import DatasetInfo, Item, ItemError, LayoutError, Loaded
 from shardgen.common import binary_to_instances, found_in, image_files, open_npy, pair_items
-
-_log = logging.getLogger(__name__)
 
 INFO = DatasetInfo(
     name="ihc_tma",
@@ -63,6 +60,7 @@ INFO = DatasetInfo(
 DATASET_FOLDER = "IHC_TMA_dataset"
 _IMAGE_SUFFIXES = tuple(s for s in SUPPORTED_SUFFIXES if s != ".npy")
 _FOLD = re.compile(r"(fold[123])_")
+_NO_FOLD = "<no fold>"  # marks the ref of a file that names no fold
 
 
 def _dataset_dir(root: Path) -> Path | None:
@@ -82,12 +80,12 @@ def find_items(root: Path, split: str) -> list[Item]:
         raise LayoutError(f"{root}: not an IHC TMA folder; expected {INFO.layout}; found {found}")
     images = image_files(base / "images", _IMAGE_SUFFIXES)
     masks = image_files(base / "masks", (".npy",))
-    unassigned = [p.name for p in images + masks if not _FOLD.match(p.name)]
-    if unassigned:
-        _log.warning(
-            "%s: %d file(s) name no fold (fold1_..fold3_) and belong to no split: %s",
-            base, len(unassigned), unassigned[:5],
-        )
+    # Files that name no fold belong to no split: listed once (with the first) to be rejected.
+    unassigned = [
+        Item(source=p.relative_to(root).as_posix(), split=split, ref=(_NO_FOLD, p.relative_to(root).as_posix()))
+        for p in images + masks
+        if not _FOLD.match(p.name)
+    ] if split == INFO.splits[0] else []
 
     def in_split(path: Path) -> bool:
         match = _FOLD.match(path.name)
@@ -99,11 +97,13 @@ def find_items(root: Path, split: str) -> list[Item]:
         [p for p in masks if in_split(p)],
         lambda image: base / "masks" / f"{image.stem}.npy",
         split,
-    )
+    ) + unassigned
 
 
 def load(root: Path, item: Item) -> Loaded:
     image_rel, mask_rel = item.ref
+    if image_rel == _NO_FOLD:
+        raise ItemError(f"{mask_rel}: the name starts with no fold1_/fold2_/fold3_, so it belongs to no split")
     root = Path(root)
     if image_rel is None:
         raise ItemError(f"{root / mask_rel}: mask has no matching image")

@@ -1,25 +1,21 @@
 """Tests for shardgen/datasets/bccd.py: semantic masks to connected components."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
 
-from shardgen.base import ItemError, LayoutError
+from shardgen.base import ItemError
 from shardgen.datasets import bccd
 from shardgen.datasets.bccd import find_items, load, mask_to_instances
+from tests.shardgen.datasets.helpers import (
+    assert_layout_error, assert_load_errors, build_and_read, by_source, max_labels, source_split_subset,
+    write_image,
+)
 
 TOP = "BCCD Dataset with mask"
 HEIGHT, WIDTH = 32, 48
 TRAIN_NAME = "0a3b53c7-e7ab-4135-80aa-fd2079d727d6.png"
 TEST_NAME = "0b2f7f6e-4c15-4d57-8f7b-2a2a1f3c9a10.png"
-
-
-def write_png(path: Path, array: np.ndarray) -> np.ndarray:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-    return array
 
 
 def rgb_mask() -> np.ndarray:
@@ -39,16 +35,16 @@ def dataset(tmp_path):
     root = tmp_path / "bccd"
     rng = np.random.default_rng(0)
     images = {
-        "train": write_png(root / TOP / "train" / "original" / TRAIN_NAME,
-                           rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)),
-        "test": write_png(root / TOP / "test" / "original" / TEST_NAME,
-                          rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)),
+        "train": write_image(root / TOP / "train" / "original" / TRAIN_NAME,
+                             rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)),
+        "test": write_image(root / TOP / "test" / "original" / TEST_NAME,
+                            rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)),
     }
-    write_png(root / TOP / "train" / "mask" / TRAIN_NAME, rgb_mask())
+    write_image(root / TOP / "train" / "mask" / TRAIN_NAME, rgb_mask())
     gray = np.zeros((HEIGHT, WIDTH), np.uint8)
     gray[2:10, 2:10] = 255
     gray[20:30, 30:40] = 255
-    write_png(root / TOP / "test" / "mask" / TEST_NAME, gray)
+    write_image(root / TOP / "test" / "mask" / TEST_NAME, gray)
     (root / TOP / "train" / "original" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     return root, images
 
@@ -56,7 +52,7 @@ def dataset(tmp_path):
 def test_find_items_pairs_original_and_mask_by_name(dataset):
     root, _ = dataset
     train = find_items(root, "train")
-    assert [(i.source, i.split, i.subset) for i in train] == [
+    assert source_split_subset(train) == [
         (f"{TOP}/train/original/{TRAIN_NAME}", "train", "")]
     assert train[0].ref == (f"{TOP}/train/original/{TRAIN_NAME}", f"{TOP}/train/mask/{TRAIN_NAME}")
     assert [i.source for i in find_items(root, "test")] == [f"{TOP}/test/original/{TEST_NAME}"]
@@ -98,14 +94,14 @@ def test_touching_cells_merge_a_limitation_of_semantic_masks():
 
 def test_image_without_mask_and_mask_without_image_are_rejected_with_names(dataset):
     root, _ = dataset
-    write_png(root / TOP / "train" / "original" / "lonely.png", np.zeros((HEIGHT, WIDTH, 3), np.uint8))
-    write_png(root / TOP / "train" / "mask" / "orphan.png", np.zeros((HEIGHT, WIDTH), np.uint8))
-    items = {i.source: i for i in find_items(root, "train")}
+    write_image(root / TOP / "train" / "original" / "lonely.png", np.zeros((HEIGHT, WIDTH, 3), np.uint8))
+    write_image(root / TOP / "train" / "mask" / "orphan.png", np.zeros((HEIGHT, WIDTH), np.uint8))
+    items = by_source(find_items(root, "train"))
     assert f"{TOP}/train/original/lonely.png" in items and f"{TOP}/train/mask/orphan.png" in items
-    with pytest.raises(ItemError, match="lonely.png has no mask"):
-        load(root, items[f"{TOP}/train/original/lonely.png"])
-    with pytest.raises(ItemError, match="orphan.png has no matching image"):
-        load(root, items[f"{TOP}/train/mask/orphan.png"])
+    assert_load_errors(load, root, items, {
+        f"{TOP}/train/original/lonely.png": "lonely.png has no mask",
+        f"{TOP}/train/mask/orphan.png": "orphan.png has no matching image",
+    }, error=ItemError)
 
 
 def test_mask_with_another_extension_pairs_by_stem(dataset):
@@ -124,32 +120,22 @@ def test_corrupt_files_and_size_mismatch_are_rejected_naming_the_file(dataset):
     mask.write_bytes(mask.read_bytes()[:60])
     with pytest.raises(ValueError, match=TRAIN_NAME):
         load(root, find_items(root, "train")[0])
-    write_png(root / TOP / "test" / "mask" / TEST_NAME, np.zeros((HEIGHT + 1, WIDTH), np.uint8))
+    write_image(root / TOP / "test" / "mask" / TEST_NAME, np.zeros((HEIGHT + 1, WIDTH), np.uint8))
     with pytest.raises(ItemError, match=f"mask/{TEST_NAME}.*original/{TEST_NAME}"):
         load(root, find_items(root, "test")[0])
 
 
 def test_wrong_folder_raises_layout_error(tmp_path):
     (tmp_path / "train").mkdir()
-    with pytest.raises(LayoutError, match="BCCD Dataset with mask"):
-        find_items(tmp_path, "train")
+    assert_layout_error(find_items, tmp_path, "train", match="BCCD Dataset with mask")
 
 
-def test_end_to_end_shards_hold_every_object(dataset, tmp_path):
-    build = pytest.importorskip("shardgen.build")
-    import webdataset as wds
-
-    from pipeline.shards import decode_sample
-
+def test_end_to_end_shards_hold_every_object(dataset, shards_dir):
     root, images = dataset
-    out = tmp_path / "shards"
-    build.build_dataset("bccd", root, out)
-    urls = sorted(str(p) for p in (out / "bccd").glob("*.tar"))
-    counts = {}
-    for sample in wds.WebDataset(urls, shardshuffle=False):
-        image, labels, _, meta, _ = decode_sample(sample)
-        counts[(meta.split, meta.source)] = int(labels.max())
+    built = build_and_read("bccd", root, shards_dir)
+    for image, _, _, meta, _ in built.samples:
         assert image.shape == (HEIGHT, WIDTH, 3) and meta.modality == "brightfield"
         np.testing.assert_array_equal(image, images[meta.split])
+    counts = max_labels(built.samples, key=lambda meta: (meta.split, meta.source))
     assert counts == {("train", f"{TOP}/train/original/{TRAIN_NAME}"): 3,
                       ("test", f"{TOP}/test/original/{TEST_NAME}"): 2}

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset as wds
 
-from pipeline.shards import decode_sample
-from shardgen.base import LayoutError
-from shardgen.build import build_dataset
 from shardgen.datasets import conic
+from tests.shardgen.datasets.helpers import (
+    assert_layout_error, build_and_read, n_objects, samples_by_source, traced_peak,
+)
 
 N_ROWS, SIDE = 4, 32
 
@@ -54,14 +52,13 @@ def test_load_returns_rgb_and_instance_channel(tmp_path):
         assert loaded.image.dtype == np.uint8 and loaded.image.shape == (SIDE, SIDE, 3)
         assert np.array_equal(loaded.image, images[row])
         assert np.array_equal(loaded.labels, labels[row, :, :, 0])
-        assert len(np.unique(loaded.labels[loaded.labels > 0])) == n_nuclei[row]
+        assert n_objects(loaded.labels) == n_nuclei[row]
         assert not isinstance(loaded.image, np.memmap) and not isinstance(loaded.labels, np.memmap)
 
 
 def test_wrong_folder_raises_layout_error(tmp_path):
     (tmp_path / "images").mkdir()
-    with pytest.raises(LayoutError, match="images.npy"):
-        conic.find_items(tmp_path, "all")
+    assert_layout_error(conic.find_items, tmp_path, "all", match="images.npy")
 
 
 def test_truncated_labels_reject_every_item_by_name(tmp_path):
@@ -110,31 +107,16 @@ def test_load_reads_one_row_not_the_arrays(tmp_path):
     np.save(tmp_path / "labels.npy", labels)
     del labels
     item = conic.find_items(tmp_path, "all")[40]
-    tracemalloc.start()
-    try:
-        loaded = conic.load(tmp_path, item)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    loaded, peak = traced_peak(conic.load, tmp_path, item)
     assert np.unique(loaded.labels).tolist() == [0, 5]
     assert peak < 2 * 2**20, f"peak {peak / 2**20:.1f} MiB for one 256 px patch"
 
 
-def _read_back(out: Path, name: str) -> dict:
-    """{source: (image, labels, meta)} of every sample under out/name, read with plain webdataset."""
-    urls = sorted(str(p) for p in (out / name).glob("*.tar"))
-    samples = {}
-    for raw in wds.WebDataset(urls, shardshuffle=False):
-        image, labels, _, meta, _ = decode_sample(raw)
-        samples[meta.source] = (image, labels, meta)
-    return samples
-
-
-def test_build_end_to_end(tmp_path):
+def test_build_end_to_end(tmp_path, shards_dir):
     _, _, n_nuclei = _write_release(tmp_path / "src")
-    summary = build_dataset("conic", tmp_path / "src", tmp_path / "shards")
-    assert summary["written"] == N_ROWS and summary["rejected"] == 0
-    samples = _read_back(tmp_path / "shards", "conic")
+    built = build_and_read("conic", tmp_path / "src", shards_dir)
+    assert built.summary["written"] == N_ROWS and built.summary["rejected"] == 0
+    samples = samples_by_source(built.samples)
     assert {source: meta.n_cells for source, (_, _, meta) in samples.items()} == {
         f"images.npy[{row}]": n_nuclei[row] for row in range(N_ROWS)
     }

@@ -6,11 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
-from PIL import Image
 
-from shardgen.base import ItemError, LayoutError
+from shardgen.base import ItemError
 from shardgen.datasets import cpm
 from shardgen.datasets.cpm import find_items, load
+from tests.shardgen.datasets.helpers import (
+    assert_layout_error, assert_load_errors, build_and_read, by_source, max_labels, n_objects, random_uint8,
+    source_split_subset, write_image,
+)
 
 HEIGHT, WIDTH = 30, 40
 
@@ -25,10 +28,8 @@ def instance_map(seed: int) -> np.ndarray:
 
 
 def write_png(path: Path, seed: int) -> np.ndarray:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = np.random.default_rng(seed).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
-    Image.fromarray(image).save(path)
-    return image
+    """A random RGB PNG; returns its pixels."""
+    return write_image(path, random_uint8((HEIGHT, WIDTH, 3), seed))
 
 
 def write_mat(path: Path, labels: np.ndarray, **extra) -> None:
@@ -54,13 +55,9 @@ def dataset(tmp_path):
     return root, images, labels
 
 
-def n_objects(labels):
-    return len(np.unique(labels[labels > 0]))
-
-
 def test_find_items_lists_cpm15_as_all_and_cpm17_by_split(dataset):
     root, _, _ = dataset
-    assert [(i.source, i.split, i.subset) for i in find_items(root, "all")] == [
+    assert source_split_subset(find_items(root, "all")) == [
         ("cpm15/Images/image01.png", "all", "cpm15")]
     assert [(i.source, i.subset, i.ref) for i in find_items(root, "train")] == [
         ("cpm17/train/Images/image_00.png", "cpm17",
@@ -175,13 +172,13 @@ def test_missing_partner_files_are_items_rejected_with_the_name(dataset):
     root, _, labels = dataset
     write_png(root / "cpm17" / "train" / "Images" / "image_01.png", 4)
     write_mat(root / "cpm17" / "train" / "Labels" / "image_02.mat", labels["train"])
-    items = {i.source: i for i in find_items(root, "train")}
+    items = by_source(find_items(root, "train"))
     assert set(items) == {"cpm17/train/Images/image_00.png", "cpm17/train/Images/image_01.png",
                           "cpm17/train/Labels/image_02.mat"}
-    with pytest.raises(ItemError, match="image_01.png has no label file"):
-        load(root, items["cpm17/train/Images/image_01.png"])
-    with pytest.raises(ItemError, match="image_02.mat has no matching image"):
-        load(root, items["cpm17/train/Labels/image_02.mat"])
+    assert_load_errors(load, root, items, {
+        "cpm17/train/Images/image_01.png": "image_01.png has no label file",
+        "cpm17/train/Labels/image_02.mat": "image_02.mat has no matching image",
+    }, error=ItemError)
 
 
 def test_one_stem_with_several_label_formats_is_one_item_using_the_mat(dataset):
@@ -209,25 +206,15 @@ def test_negative_ids_are_rejected(dataset):
 
 def test_wrong_folder_raises_layout_error(tmp_path):
     (tmp_path / "Images").mkdir()
-    with pytest.raises(LayoutError, match="cpm17"):
-        find_items(tmp_path, "train")
+    assert_layout_error(find_items, tmp_path, "train", match="cpm17")
 
 
-def test_end_to_end_shards_hold_every_object(dataset, tmp_path):
-    build = pytest.importorskip("shardgen.build")
-    import webdataset as wds
-
-    from pipeline.shards import decode_sample
-
-    root, images, _ = dataset
-    out = tmp_path / "shards"
-    build.build_dataset("cpm", root, out)
-    urls = sorted(str(p) for p in (out / "cpm").glob("*.tar"))
-    counts = {}
-    for sample in wds.WebDataset(urls, shardshuffle=False):
-        image, labels, _, meta, _ = decode_sample(sample)
-        counts[(meta.subset, meta.split, meta.source)] = int(labels.max())
+def test_end_to_end_shards_hold_every_object(dataset, shards_dir):
+    root, _, _ = dataset
+    built = build_and_read("cpm", root, shards_dir)
+    for image, _, _, meta, _ in built.samples:
         assert image.shape == (HEIGHT, WIDTH, 3) and meta.channel_names == ("red", "green", "blue")
+    counts = max_labels(built.samples, key=lambda meta: (meta.subset, meta.split, meta.source))
     assert counts == {
         ("cpm15", "all", "cpm15/Images/image01.png"): 3,
         ("cpm17", "train", "cpm17/train/Images/image_00.png"): 3,

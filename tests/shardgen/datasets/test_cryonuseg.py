@@ -6,21 +6,16 @@ import numpy as np
 import pytest
 import tifffile
 
-from shardgen.base import LayoutError
 from shardgen.datasets import cryonuseg
+from tests.shardgen.datasets.helpers import (
+    assert_layout_error, assert_load_errors, build_and_read, by_source, disc_labels, max_labels,
+    source_split_subset, truncate,
+)
 
 SHAPE = (40, 40)
 LABELS = "Annotator 1 (biologist)/label masks modify"
 SECOND = "Annotator 1 (biologist second round of manual marks up)/" * 2 + "label masks modify"
 CENTRES = [(8, 8), (28, 28), (28, 8), (8, 28)]
-
-
-def disc_labels(n_cells: int, radius=5) -> np.ndarray:
-    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
-    labels = np.zeros(SHAPE, np.uint16)
-    for index, (y, x) in enumerate(CENTRES[:n_cells], 1):
-        labels[(yy - y) ** 2 + (xx - x) ** 2 <= radius**2] = index
-    return labels
 
 
 def he_image(labels: np.ndarray) -> np.ndarray:
@@ -32,7 +27,7 @@ def he_image(labels: np.ndarray) -> np.ndarray:
 
 
 def write_sample(root: Path, name: str, n_cells: int, label_dir=LABELS) -> None:
-    labels = disc_labels(n_cells)
+    labels = disc_labels(CENTRES[:n_cells], SHAPE)
     (root / "tissue images").mkdir(parents=True, exist_ok=True)
     (root / label_dir).mkdir(parents=True, exist_ok=True)
     tifffile.imwrite(root / "tissue images" / f"{name}.tif", he_image(labels), photometric="rgb")
@@ -46,13 +41,13 @@ def dataset(tmp_path) -> Path:
     write_sample(root, "Human_Larynx_02", 2)
     # a second annotation set with different labels: must not be read
     (root / SECOND).mkdir(parents=True)
-    tifffile.imwrite(root / SECOND / "Human_AdrenalGland_01.tif", disc_labels(1))
+    tifffile.imwrite(root / SECOND / "Human_AdrenalGland_01.tif", disc_labels(CENTRES[:1], SHAPE))
     return root
 
 
 def test_find_items_lists_every_image(dataset):
     items = cryonuseg.find_items(dataset, "all")
-    assert [(i.source, i.split, i.subset) for i in items] == [
+    assert source_split_subset(items) == [
         ("tissue images/Human_AdrenalGland_01.tif", "all", ""),
         ("tissue images/Human_Larynx_02.tif", "all", ""),
     ]
@@ -81,15 +76,13 @@ def test_bad_files_are_listed_and_rejected_with_their_name(dataset):
     (images / "corrupt.tif").write_bytes(b"MM\x00*" + b"\x00" * 30)
     (dataset / LABELS / "corrupt.tif").write_bytes((dataset / LABELS / "Human_Larynx_02.tif").read_bytes())
     write_sample(dataset, "cut", 2)
-    data = (images / "cut.tif").read_bytes()
-    (images / "cut.tif").write_bytes(data[: len(data) // 3])
+    truncate(images / "cut.tif", divisor=3)
     write_sample(dataset, "lonely", 2)
     (dataset / LABELS / "lonely.tif").unlink()
     write_sample(dataset, "orphan", 2)
     (images / "orphan.tif").unlink()
     tifffile.imwrite(images / "gray.tif", np.zeros(SHAPE, np.uint8))
-    tifffile.imwrite(dataset / LABELS / "gray.tif", disc_labels(1))
-    items = {i.source: i for i in cryonuseg.find_items(dataset, "all")}
+    tifffile.imwrite(dataset / LABELS / "gray.tif", disc_labels(CENTRES[:1], SHAPE))
     expected = {
         "tissue images/corrupt.tif": "corrupt.tif",
         "tissue images/cut.tif": "cut.tif",
@@ -97,28 +90,18 @@ def test_bad_files_are_listed_and_rejected_with_their_name(dataset):
         f"{LABELS}/orphan.tif": "orphan.tif has no matching image",
         "tissue images/gray.tif": "gray.tif: expected an RGB",
     }
-    for source, message in expected.items():
-        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-            cryonuseg.load(dataset, items[source])
+    expected = {source: message.replace("(", r"\(").replace(")", r"\)") for source, message in expected.items()}
+    assert_load_errors(cryonuseg.load, dataset, by_source(cryonuseg.find_items(dataset, "all")), expected)
 
 
 def test_wrong_folder_raises_layout_error(tmp_path):
     (tmp_path / "images").mkdir()
-    with pytest.raises(LayoutError, match="tissue images"):
-        cryonuseg.find_items(tmp_path, "all")
+    assert_layout_error(cryonuseg.find_items, tmp_path, "all", match="tissue images")
 
 
-def test_end_to_end_shards_hold_every_object(dataset, tmp_path):
-    build = pytest.importorskip("shardgen.build")
-    import webdataset as wds
-
-    from pipeline.shards import decode_sample
-
-    build.build_dataset("cryonuseg", dataset, tmp_path / "shards")
-    urls = sorted(str(p) for p in (tmp_path / "shards" / "cryonuseg").glob("*.tar"))
-    counts = {}
-    for sample in wds.WebDataset(urls, shardshuffle=False):
-        image, labels, _, meta, _ = decode_sample(sample)
-        counts[meta.source] = int(labels.max())
+def test_end_to_end_shards_hold_every_object(dataset, shards_dir):
+    built = build_and_read("cryonuseg", dataset, shards_dir)
+    for image, _, _, meta, _ in built.samples:
         assert image.shape == (*SHAPE, 3) and meta.modality == "he"
+    counts = max_labels(built.samples)
     assert counts == {"tissue images/Human_AdrenalGland_01.tif": 3, "tissue images/Human_Larynx_02.tif": 2}

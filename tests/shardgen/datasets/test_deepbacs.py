@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from shardgen.base import LayoutError
 from shardgen.datasets import deepbacs
+from tests.shardgen.datasets.helpers import (
+    assert_layout_error, assert_load_errors, build_and_read, by_source, disc_labels, max_labels, truncate,
+)
 
 SHAPE = (36, 40)
 MIXED = "DeepBacs_Data_Segmentation_StarDist_MIXED_dataset"
@@ -18,17 +20,9 @@ SUBTILIS = "DeepBacs_Data_Segmentation_B.subtilis_FtsZ_dataset"
 CENTRES = [(8, 8), (26, 30), (27, 8), (8, 30)]
 
 
-def disc_labels(n_cells: int, radius=5) -> np.ndarray:
-    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
-    labels = np.zeros(SHAPE, np.uint16)
-    for index, (y, x) in enumerate(CENTRES[:n_cells], 1):
-        labels[(yy - y) ** 2 + (xx - x) ** 2 <= radius**2] = index
-    return labels
-
-
 def write_pair(split_folder: Path, image_dir: str, mask_dir: str, name: str, n_cells: int, binary=False) -> None:
     """A 2-D uint16 image and its label TIF (or a 0/255 binary mask) under the same file name."""
-    labels = disc_labels(n_cells)
+    labels = disc_labels(CENTRES[:n_cells], SHAPE)
     for folder in (image_dir, mask_dir):
         (split_folder / folder).mkdir(parents=True, exist_ok=True)
     tifffile.imwrite(split_folder / image_dir / name, (500 + 800 * (labels > 0)).astype(np.uint16))
@@ -125,7 +119,7 @@ def test_duplicates_and_unrecognised_folders_are_rejected_not_dropped(dataset):
     unknown.mkdir(parents=True)
     tifffile.imwrite(unknown / "u1.tif", np.zeros(SHAPE, np.uint16))
     tifffile.imwrite(dataset / ECOLI / "train" / "stray.tif", np.zeros(SHAPE, np.uint16))
-    items = {i.source: i for i in deepbacs.find_items(dataset, "train")}
+    items = by_source(deepbacs.find_items(dataset, "train"))
     expected = {
         DUPLICATE: "not used; this zip's StarDist_dataset",
         "some_other_zip/images/u1.tif": "unrecognised DeepBacs layout",
@@ -142,46 +136,32 @@ def test_bad_files_are_listed_and_rejected_with_their_name(dataset):
     (training / "source" / "corrupt.tif").write_bytes(b"II*\x00" + b"\x05" * 40)
     (training / "target" / "corrupt.tif").write_bytes((training / "target" / "JE2_01.tif").read_bytes())
     write_pair(training, "source", "target", "cut.tif", 2)
-    data = (training / "target" / "cut.tif").read_bytes()
-    (training / "target" / "cut.tif").write_bytes(data[: len(data) // 2])
+    truncate(training / "target" / "cut.tif")
     write_pair(training, "source", "target", "lonely.tif", 2)
     (training / "target" / "lonely.tif").unlink()
     write_pair(training, "source", "target", "orphan.tif", 2)
     (training / "source" / "orphan.tif").unlink()
-    items = {i.source: i for i in deepbacs.find_items(dataset, "train")}
     expected = {
         f"{MIXED}/training/source/corrupt.tif": "corrupt.tif",
         f"{MIXED}/training/source/cut.tif": "cut.tif",
         f"{MIXED}/training/source/lonely.tif": "lonely.tif has no label",
         f"{MIXED}/training/target/orphan.tif": "orphan.tif has no matching image",
     }
-    for source, message in expected.items():
-        with pytest.raises(ValueError, match=message):
-            deepbacs.load(dataset, items[source])
+    assert_load_errors(deepbacs.load, dataset, by_source(deepbacs.find_items(dataset, "train")), expected)
 
 
 def test_wrong_folder_raises_layout_error(tmp_path, dataset):
     (tmp_path / "other" / "images").mkdir(parents=True)
-    with pytest.raises(LayoutError, match="no DeepBacs layout recognised"):
-        deepbacs.find_items(tmp_path / "other", "train")
+    assert_layout_error(deepbacs.find_items, tmp_path / "other", "train", match="no DeepBacs layout recognised")
     # one zip unpacked straight into the dataset folder: say how to fix it
-    with pytest.raises(LayoutError, match="looks like one unpacked zip"):
-        deepbacs.find_items(dataset / ECOLI, "train")
+    assert_layout_error(deepbacs.find_items, dataset / ECOLI, "train", match="looks like one unpacked zip")
 
 
-def test_end_to_end_shards_hold_every_object(dataset, tmp_path):
-    build = pytest.importorskip("shardgen.build")
-    import webdataset as wds
-
-    from pipeline.shards import decode_sample
-
-    build.build_dataset("deepbacs", dataset, tmp_path / "shards")
-    urls = sorted(str(p) for p in (tmp_path / "shards" / "deepbacs").glob("*.tar"))
-    counts = {}
-    for sample in wds.WebDataset(urls, shardshuffle=False):
-        image, labels, _, meta, _ = decode_sample(sample)
-        counts[meta.source] = int(labels.max())
+def test_end_to_end_shards_hold_every_object(dataset, shards_dir):
+    built = build_and_read("deepbacs", dataset, shards_dir)
+    for image, _, _, _, _ in built.samples:
         assert image.shape == (*SHAPE, 1)
+    counts = max_labels(built.samples)
     expected = {source: n for _, source, n in TRAIN_SOURCES}
     expected.update({
         f"{MIXED}/test/source/train_05.tif": 1,
@@ -193,11 +173,8 @@ def test_end_to_end_shards_hold_every_object(dataset, tmp_path):
     })
     assert counts == expected
     # the unused network folder is in rejects.parquet with its reason, not silently skipped
-    import pyarrow.parquet as pq
-
-    rejects = pq.read_table(tmp_path / "shards" / "rejects.parquet").to_pylist()
-    assert {r["source"] for r in rejects} == {
+    assert {r["source"] for r in built.rejects} == {
         DUPLICATE, DUPLICATE_MASK,
         f"{SUBTILIS}/pix2pix_dataset/test/fluorescence/bs2.tif", f"{SUBTILIS}/pix2pix_dataset/test/masks/bs2.tif",
     }
-    assert all("StarDist_dataset" in r["reason"] for r in rejects)
+    assert all("StarDist_dataset" in r["reason"] for r in built.rejects)

@@ -1,34 +1,17 @@
 """Tests for shardgen/datasets/folder.py: images/ + masks/ (+ list files), the layout users bring."""
 
-import glob
-
 import numpy as np
 import pytest
-import tifffile
-import webdataset as wds
 from PIL import Image
 
-from pipeline.shards import decode_sample
-from shardgen.base import ItemError, LayoutError
+from shardgen.base import ItemError
 from shardgen.datasets import folder
+from tests.shardgen.datasets.helpers import (
+    assert_layout_error, assert_load_errors, build_and_read, by_source, damage_file, disc_labels, max_labels,
+    n_objects, write_image,
+)
 
 SHAPE = (36, 48)
-
-
-def disc_labels(centres, radius=5, shape=SHAPE, dtype=np.uint16):
-    rows, cols = np.mgrid[: shape[0], : shape[1]]
-    labels = np.zeros(shape, dtype)
-    for index, (row, col) in enumerate(centres, 1):
-        labels[(rows - row) ** 2 + (cols - col) ** 2 <= radius**2] = index
-    return labels
-
-
-def write(path, array):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix in (".tif", ".tiff"):
-        tifffile.imwrite(path, array)
-    else:
-        Image.fromarray(array).save(path)
 
 
 # image name -> (mask name, centres, mask kind); every mask suffix convention once
@@ -42,7 +25,7 @@ PAIRS = {
 
 
 def make_mask(centres, kind):
-    labels = disc_labels(centres)
+    labels = disc_labels(centres, SHAPE)
     if kind == "binary255":
         return ((labels > 0) * 255).astype(np.uint8)
     if kind == "binary1":
@@ -55,10 +38,10 @@ def dataset(tmp_path):
     rng = np.random.default_rng(0)
     for image_name, (mask_name, centres, kind) in PAIRS.items():
         image = rng.integers(0, 255, SHAPE + (3,), dtype=np.uint8) if image_name == "c.png" else (
-            (disc_labels(centres) > 0) * 1000 + 7
+            (disc_labels(centres, SHAPE) > 0) * 1000 + 7
         ).astype(np.uint16 if image_name.endswith(".tif") else np.uint8)
-        write(tmp_path / "images" / image_name, image)
-        write(tmp_path / "masks" / mask_name, make_mask(centres, kind))
+        write_image(tmp_path / "images" / image_name, image)
+        write_image(tmp_path / "masks" / mask_name, make_mask(centres, kind))
     return tmp_path
 
 
@@ -73,36 +56,36 @@ def test_load_counts_binary_and_label_masks(dataset):
     for item in folder.find_items(dataset, "train"):
         loaded = folder.load(dataset, item)
         _, centres, kind = PAIRS[item.source.removeprefix("images/")]
-        assert len(np.unique(loaded.labels[loaded.labels > 0])) == len(centres), item.source
+        assert n_objects(loaded.labels) == len(centres), item.source
         assert loaded.image.dtype in (np.uint8, np.uint16)
         assert len(loaded.channel_names) == loaded.image.shape[2]
 
 
 def test_image_channels(dataset):
-    items = {i.source: i for i in folder.find_items(dataset, "train")}
+    items = by_source(folder.find_items(dataset, "train"))
     rgb = folder.load(dataset, items["images/c.png"])
     np.testing.assert_array_equal(rgb.image, np.asarray(Image.open(dataset / "images/c.png")))
     assert rgb.channel_names == ("channel_0", "channel_1", "channel_2")
     gray = folder.load(dataset, items["images/a.tif"])
     assert gray.image.shape == SHAPE + (1,) and gray.image.dtype == np.uint16
     # gray saved as RGB (identical channels) becomes one channel
-    write(dataset / "images/e.png", np.repeat(np.full(SHAPE, 9, np.uint8)[..., None], 3, axis=-1))
+    write_image(dataset / "images/e.png", np.repeat(np.full(SHAPE, 9, np.uint8)[..., None], 3, axis=-1))
     assert folder.load(dataset, items["images/e.png"]).image.shape == SHAPE + (1,)
 
 
 def test_binary_mask_with_touching_objects_merges_and_label_mask_keeps_ids(dataset):
-    labels = disc_labels([(18, 10), (18, 30)], radius=5)
+    labels = disc_labels([(18, 10), (18, 30)], SHAPE, radius=5)
     labels[18, 10:31] = 1  # a bridge joins the two discs
-    write(dataset / "masks/b_mask.png", ((labels > 0) * 255).astype(np.uint8))
+    write_image(dataset / "masks/b_mask.png", ((labels > 0) * 255).astype(np.uint8))
     loaded = folder.load(dataset, folder.find_items(dataset, "train")[1])
     assert loaded.labels.max() == 1  # connected components cannot split touching objects
     kept = folder.load(dataset, folder.find_items(dataset, "train")[0])
-    np.testing.assert_array_equal(kept.labels, disc_labels(PAIRS["a.tif"][1]))
+    np.testing.assert_array_equal(kept.labels, disc_labels(PAIRS["a.tif"][1], SHAPE))
 
 
 def test_rgb_mask_with_identical_channels(dataset):
     mask = np.repeat(make_mask(PAIRS["b.png"][1], "binary255")[..., None], 3, axis=-1)
-    write(dataset / "masks/b_mask.png", mask)
+    write_image(dataset / "masks/b_mask.png", mask)
     assert folder.load(dataset, folder.find_items(dataset, "train")[1]).labels.max() == 3
 
 
@@ -138,34 +121,28 @@ def test_test_list_alone_holds_its_pairs_out_of_train(dataset):
 
 def test_missing_ambiguous_and_orphan(dataset):
     (dataset / "masks/c_label.tif").unlink()
-    write(dataset / "masks/a.tif", disc_labels([(5, 5)]))  # a second candidate for images/a.tif
-    write(dataset / "masks/zz_masks.png", disc_labels([(5, 5)]).astype(np.uint8))
-    items = {i.source: i for i in folder.find_items(dataset, "train")}
+    write_image(dataset / "masks/a.tif", disc_labels([(5, 5)], SHAPE))  # a second candidate for images/a.tif
+    write_image(dataset / "masks/zz_masks.png", disc_labels([(5, 5)], SHAPE).astype(np.uint8))
+    items = by_source(folder.find_items(dataset, "train"))
     assert {"images/a.tif", "images/c.png", "masks/zz_masks.png"} <= set(items)
-    with pytest.raises(ItemError, match="images/a.tif matches several masks"):
-        folder.load(dataset, items["images/a.tif"])
-    with pytest.raises(ItemError, match="images/c.png has no mask"):
-        folder.load(dataset, items["images/c.png"])
-    with pytest.raises(ItemError, match="masks/zz_masks.png has no image"):
-        folder.load(dataset, items["masks/zz_masks.png"])
+    assert_load_errors(folder.load, dataset, items, {
+        "images/a.tif": "images/a.tif matches several masks",
+        "images/c.png": "images/c.png has no mask",
+        "masks/zz_masks.png": "masks/zz_masks.png has no image",
+    }, error=ItemError)
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncated"])
 def test_damaged_files_raise_naming_the_file(dataset, damage):
     for name in ("images/b.png", "masks/a_masks.tif"):
-        path = dataset / name
-        data = path.read_bytes()
-        path.write_bytes(b"\x89PNX" + b"0" * 20 if damage == "corrupt" else data[: len(data) // 2])
-    items = {i.source: i for i in folder.find_items(dataset, "train")}
+        damage_file(dataset / name, damage, junk=b"\x89PNX" + b"0" * 20)
+    items = by_source(folder.find_items(dataset, "train"))
     assert len(items) == len(PAIRS)
-    with pytest.raises(ValueError, match="b.png"):
-        folder.load(dataset, items["images/b.png"])
-    with pytest.raises(ValueError, match="a_masks.tif"):
-        folder.load(dataset, items["images/a.tif"])
+    assert_load_errors(folder.load, dataset, items, {"images/b.png": "b.png", "images/a.tif": "a_masks.tif"})
 
 
 def test_size_mismatch(dataset):
-    write(dataset / "masks/e.png", disc_labels([(5, 5)], shape=(20, 20)))
+    write_image(dataset / "masks/e.png", disc_labels([(5, 5)], (20, 20)))
     item = folder.find_items(dataset, "train")[-1]
     with pytest.raises(ItemError, match="masks/e.png is 20x20 but image images/e.png"):
         folder.load(dataset, item)
@@ -173,18 +150,11 @@ def test_size_mismatch(dataset):
 
 def test_wrong_folder(tmp_path):
     (tmp_path / "images").mkdir()
-    with pytest.raises(LayoutError, match="images/"):
-        folder.find_items(tmp_path, "train")
+    assert_layout_error(folder.find_items, tmp_path, "train", match="images/")
 
 
-def test_build_end_to_end(dataset, tmp_path_factory):
-    from shardgen.build import build_dataset
-
-    out = tmp_path_factory.mktemp("shards")
-    summary = build_dataset("folder", dataset, out)
-    assert summary["written"] == len(PAIRS) and summary["rejected"] == 0
-    counts = {}
-    for sample in wds.WebDataset(sorted(glob.glob(str(out / "folder" / "*.tar"))), shardshuffle=False):
-        image, labels, _, meta, _ = decode_sample(sample)
-        counts[meta.source] = int(labels.max())
+def test_build_end_to_end(dataset, shards_dir):
+    built = build_and_read("folder", dataset, shards_dir)
+    assert built.summary["written"] == len(PAIRS) and built.summary["rejected"] == 0
+    counts = max_labels(built.samples)
     assert counts == {f"images/{name}": len(pair[1]) for name, pair in PAIRS.items()}

@@ -6,14 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset as wds
 from PIL import Image
 
-from pipeline.shards import decode_sample
-from shardgen.base import LayoutError
-from shardgen.build import build_dataset
+from shardgen.base import ItemError
 from shardgen.datasets import ihc_tma
 from shardgen.datasets.ihc_tma import nuclear_masks_to_instances
+from tests.shardgen.datasets.helpers import (
+    assert_layout_error, assert_load_errors, build_and_read, by_source, n_objects, random_uint8, samples_by_source,
+    write_image,
+)
 
 H, W = 40, 48
 
@@ -38,10 +39,8 @@ def _instance_masks() -> tuple[np.ndarray, int]:
 
 
 def _write_pair(base: Path, stem: str, masks: np.ndarray | None, seed: int) -> np.ndarray:
-    rgb = np.random.default_rng(seed).integers(0, 256, (H, W, 3), dtype=np.uint8)
-    (base / "images").mkdir(parents=True, exist_ok=True)
+    rgb = write_image(base / "images" / f"{stem}.png", random_uint8((H, W, 3), seed))
     (base / "masks").mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb).save(base / "images" / f"{stem}.png")
     if masks is not None:
         np.save(base / "masks" / f"{stem}.npy", masks)
     return rgb
@@ -83,7 +82,7 @@ def test_load_binary_and_instance_masks(tmp_path):
             assert loaded.image.dtype == np.uint8 and loaded.image.shape == (H, W, 3)
             assert np.array_equal(loaded.image, rgb)
             assert loaded.labels.shape == (H, W)
-            assert len(np.unique(loaded.labels[loaded.labels > 0])) == count
+            assert n_objects(loaded.labels) == count
             assert ihc_tma.INFO.modality == "ihc" and loaded.modality in (None, "ihc")
 
 
@@ -106,21 +105,21 @@ def test_single_valued_channel_beside_instance_ids_is_split_into_components():
     masks[0, 2:6, 2:6], masks[0, 2:6, 10:14] = 5, 9  # instance ids
     masks[1, 20:24, 2:6] = masks[1, 20:24, 20:24] = 1  # 0/1 with two separate blobs
     labels = nuclear_masks_to_instances(masks)
-    assert len(np.unique(labels[labels > 0])) == 4
+    assert n_objects(labels) == 4
 
 
 def test_binary_channels_merge_by_union():
     masks, _ = _binary_masks()
     masks[1, 10:14, 16:18] = 1  # overlaps and touches channel 0's blobs
     labels = nuclear_masks_to_instances(masks.astype(np.int64))
-    assert len(np.unique(labels[labels > 0])) == 2
+    assert n_objects(labels) == 2
 
 
 def test_channels_last_masks_are_accepted(tmp_path):
     masks, count = _binary_masks()
     _write_pair(tmp_path / "IHC_TMA_dataset", "fold1_7", np.moveaxis(masks, 0, -1), 0)
     loaded = ihc_tma.load(tmp_path, ihc_tma.find_items(tmp_path, "fold1")[0])
-    assert len(np.unique(loaded.labels[loaded.labels > 0])) == count
+    assert n_objects(loaded.labels) == count
 
 
 def test_orphans_and_bad_files_are_listed_and_rejected_by_name(tmp_path):
@@ -135,16 +134,16 @@ def test_orphans_and_bad_files_are_listed_and_rejected_by_name(tmp_path):
     (base / "images" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (base / "images" / "._fold1_0.png").write_bytes(b"\0\5\26\7")
 
-    fold3 = {i.source: i for i in ihc_tma.find_items(tmp_path, "fold3")}
+    fold3 = by_source(ihc_tma.find_items(tmp_path, "fold3"))
     assert set(fold3) == {
         "IHC_TMA_dataset/images/fold3_0.png",
         "IHC_TMA_dataset/images/fold3_5.png",
         "IHC_TMA_dataset/masks/fold3_9.npy",
     }
-    with pytest.raises(ValueError, match=r"fold3_5.png: image has no mask file"):
-        ihc_tma.load(tmp_path, fold3["IHC_TMA_dataset/images/fold3_5.png"])
-    with pytest.raises(ValueError, match=r"fold3_9.npy: mask has no matching image"):
-        ihc_tma.load(tmp_path, fold3["IHC_TMA_dataset/masks/fold3_9.npy"])
+    assert_load_errors(ihc_tma.load, tmp_path, fold3, {
+        "IHC_TMA_dataset/images/fold3_5.png": r"fold3_5.png: image has no mask file",
+        "IHC_TMA_dataset/masks/fold3_9.npy": r"fold3_9.npy: mask has no matching image",
+    })
 
     fold1 = ihc_tma.find_items(tmp_path, "fold1")
     assert [i.source for i in fold1] == ["IHC_TMA_dataset/images/fold1_0.png", "IHC_TMA_dataset/images/fold1_1.png"]
@@ -158,28 +157,34 @@ def test_orphans_and_bad_files_are_listed_and_rejected_by_name(tmp_path):
 
 def test_wrong_folder_raises_layout_error(tmp_path):
     (tmp_path / "IHC_TMA_dataset" / "images").mkdir(parents=True)  # no masks folder
-    with pytest.raises(LayoutError, match="IHC_TMA_dataset/images/fold"):
-        ihc_tma.find_items(tmp_path, "fold1")
+    assert_layout_error(ihc_tma.find_items, tmp_path, "fold1", match="IHC_TMA_dataset/images/fold")
 
 
-def _read_back(out: Path, name: str) -> dict:
-    """{source: (image, labels, meta)} of every sample under out/name, read with plain webdataset."""
-    urls = sorted(str(p) for p in (out / name).glob("*.tar"))
-    samples = {}
-    for raw in wds.WebDataset(urls, shardshuffle=False):
-        image, labels, _, meta, _ = decode_sample(raw)
-        samples[meta.source] = (image, labels, meta)
-    return samples
-
-
-def test_build_end_to_end(tmp_path):
+def test_build_end_to_end(tmp_path, shards_dir):
     written = _write_dataset(tmp_path / "src")
-    summary = build_dataset("ihc_tma", tmp_path / "src", tmp_path / "shards")
-    assert summary["written"] == len(written) and summary["rejected"] == 0
-    samples = _read_back(tmp_path / "shards", "ihc_tma")
+    built = build_and_read("ihc_tma", tmp_path / "src", shards_dir)
+    assert built.summary["written"] == len(written) and built.summary["rejected"] == 0
+    samples = samples_by_source(built.samples)
     assert {source: meta.n_cells for source, (_, _, meta) in samples.items()} == {
         f"IHC_TMA_dataset/images/{stem}.png": count for stem, (_, count) in written.items()
     }
     for image, labels, meta in samples.values():
         assert image.shape == (H, W, 3) and meta.modality == "ihc" and meta.split == meta.source.split("/")[-1][:5]
         assert int(labels.max()) == meta.n_cells
+
+
+def test_files_that_name_no_fold_are_rejected_not_dropped(tmp_path):
+    """A file without a fold1_/fold2_/fold3_ prefix belongs to no split: it is listed once, with
+    the first split, so that it lands in rejects.parquet with the reason."""
+    base = tmp_path / "IHC_TMA_dataset"
+    (base / "images").mkdir(parents=True)
+    (base / "masks").mkdir(parents=True)
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(base / "images" / "stray.png")
+    np.save(base / "masks" / "stray.npy", np.zeros((2, 8, 8), np.uint8))
+    first = [i for i in ihc_tma.find_items(tmp_path, "fold1") if "stray" in i.source]
+    assert sorted(i.source for i in first) == ["IHC_TMA_dataset/images/stray.png", "IHC_TMA_dataset/masks/stray.npy"]
+    assert not [i for i in ihc_tma.find_items(tmp_path, "fold2") if "stray" in i.source]
+    for item in first:
+        with pytest.raises(ItemError, match="belongs to no split"):
+            ihc_tma.load(tmp_path, item)

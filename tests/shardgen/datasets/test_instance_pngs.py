@@ -1,29 +1,20 @@
 """Tests for shardgen/datasets/instance_pngs.py: one binary PNG per object (DSB2018 stage1_train)."""
 
 import csv
-import glob
 import shutil
 
 import numpy as np
 import pytest
-import webdataset as wds
 from PIL import Image
 
-from pipeline.shards import decode_sample
-from shardgen.base import ItemError, LayoutError
+from shardgen.base import ItemError
 from shardgen.datasets import instance_pngs
+from tests.shardgen.datasets.helpers import (
+    assert_layout_error, assert_load_errors, build_and_read, by_source, damage_file, disc_mask, max_labels,
+    n_objects, source_split_subset, write_image,
+)
 
 SHAPE = (32, 40)
-
-
-def disc(centre, radius=5, shape=SHAPE):
-    rows, cols = np.mgrid[: shape[0], : shape[1]]
-    return (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius**2
-
-
-def save_png(path, array, mode=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array, mode).save(path)
 
 
 def rgba(rgb):
@@ -43,16 +34,16 @@ IMAGES = {
 def dataset(tmp_path):
     rng = np.random.default_rng(1)
     for image_id, (centres, colour) in IMAGES.items():
-        fg = np.any([disc(c) for c in centres], axis=0)
+        fg = np.any([disc_mask(c, SHAPE) for c in centres], axis=0)
         if colour:
             rgb = rng.integers(0, 255, SHAPE + (3,), dtype=np.uint8)
         else:  # gray saved as RGB, like DSB2018's fluorescence images
             rgb = np.repeat(((fg * 150) + 20).astype(np.uint8)[..., None], 3, axis=-1)
-        save_png(tmp_path / image_id / "images" / f"{image_id}.png", rgba(rgb), "RGBA")
+        write_image(tmp_path / image_id / "images" / f"{image_id}.png", rgba(rgb))  # (H, W, 4) uint8: RGBA
         for k, centre in enumerate(centres):
             # hash-like names, so sorted order is not creation order
             name = f"{(k * 7919) % 97:02x}{k}.png"
-            save_png(tmp_path / image_id / "masks" / name, (disc(centre) * 255).astype(np.uint8))
+            write_image(tmp_path / image_id / "masks" / name, (disc_mask(centre, SHAPE) * 255).astype(np.uint8))
     return tmp_path
 
 
@@ -60,7 +51,7 @@ def test_find_items_one_per_folder_in_order(dataset):
     (dataset / "__MACOSX").mkdir()
     (dataset / ".DS_Store").write_bytes(b"")
     items = instance_pngs.find_items(dataset, "all")
-    assert [(i.source, i.split, i.subset) for i in items] == [(k, "all", "") for k in sorted(IMAGES)]
+    assert source_split_subset(items) == [(k, "all", "") for k in sorted(IMAGES)]
 
 
 def test_load_images_and_object_counts(dataset):
@@ -68,7 +59,7 @@ def test_load_images_and_object_counts(dataset):
         loaded = instance_pngs.load(dataset, item)
         centres, colour = IMAGES[item.source]
         assert loaded.labels.shape == SHAPE
-        assert len(np.unique(loaded.labels[loaded.labels > 0])) == len(centres)
+        assert n_objects(loaded.labels) == len(centres)
         stored = np.asarray(Image.open(dataset / item.source / "images" / f"{item.source}.png"))
         if colour:
             assert loaded.image.shape == SHAPE + (3,) and loaded.channel_names == ("red", "green", "blue")
@@ -81,7 +72,7 @@ def test_load_images_and_object_counts(dataset):
 
 def test_ids_follow_sorted_file_order_and_later_masks_win(dataset):
     masks = dataset / "0a1b" / "masks"
-    save_png(masks / "zzz_overlap.png", (disc((20, 22), radius=4) * 255).astype(np.uint8))
+    write_image(masks / "zzz_overlap.png", (disc_mask((20, 22), SHAPE, radius=4) * 255).astype(np.uint8))
     loaded = instance_pngs.load(dataset, instance_pngs.find_items(dataset, "all")[0])
     names = sorted(p.name for p in masks.iterdir())
     for index, name in enumerate(names, 1):
@@ -104,13 +95,13 @@ def test_no_masks_gives_empty_labels(dataset):
 
 def test_missing_image_and_stray_file(dataset):
     (dataset / "c9d2" / "images" / "c9d2.png").unlink()
-    save_png(dataset / "loose.png", np.zeros(SHAPE, np.uint8))
-    items = {i.source: i for i in instance_pngs.find_items(dataset, "all")}
+    write_image(dataset / "loose.png", np.zeros(SHAPE, np.uint8))
+    items = by_source(instance_pngs.find_items(dataset, "all"))
     assert set(items) == set(IMAGES) | {"loose.png"}
-    with pytest.raises(ItemError, match="c9d2/images/ holds no image"):
-        instance_pngs.load(dataset, items["c9d2"])
-    with pytest.raises(ItemError, match="loose.png lies directly in the dataset folder"):
-        instance_pngs.load(dataset, items["loose.png"])
+    assert_load_errors(instance_pngs.load, dataset, items, {
+        "c9d2": "c9d2/images/ holds no image",
+        "loose.png": "loose.png lies directly in the dataset folder",
+    }, error=ItemError)
 
 
 def test_image_not_named_after_folder_is_used_when_alone(dataset):
@@ -123,8 +114,7 @@ def test_damaged_files_raise_naming_the_file(dataset, damage):
     image = dataset / "0a1b" / "images" / "0a1b.png"
     mask = sorted((dataset / "c9d2" / "masks").iterdir())[0]
     for path in (image, mask):
-        data = path.read_bytes()
-        path.write_bytes(b"GIF89a........" if damage == "corrupt" else data[: len(data) // 2])
+        damage_file(path, damage, junk=b"GIF89a........")
     items = instance_pngs.find_items(dataset, "all")
     assert len(items) == 3
     with pytest.raises(ValueError, match="0a1b.png"):
@@ -134,16 +124,15 @@ def test_damaged_files_raise_naming_the_file(dataset, damage):
 
 
 def test_mask_size_mismatch(dataset):
-    save_png(dataset / "7f3c" / "masks" / "small.png", np.full((8, 8), 255, np.uint8))
+    write_image(dataset / "7f3c" / "masks" / "small.png", np.full((8, 8), 255, np.uint8))
     with pytest.raises(ItemError, match="7f3c/masks/small.png is 8x8"):
         instance_pngs.load(dataset, instance_pngs.find_items(dataset, "all")[1])
 
 
 def test_wrong_folder(tmp_path):
-    save_png(tmp_path / "a.png", np.zeros(SHAPE, np.uint8))
+    write_image(tmp_path / "a.png", np.zeros(SHAPE, np.uint8))
     (tmp_path / "sub").mkdir()
-    with pytest.raises(LayoutError, match="<id>/images"):
-        instance_pngs.find_items(tmp_path, "all")
+    assert_layout_error(instance_pngs.find_items, tmp_path, "all", match="<id>/images")
 
 
 @pytest.mark.slow
@@ -155,18 +144,12 @@ def test_real_sample_counts_match_manifest(shared_data):
     assert len(items) == 53
     for item in items:
         loaded = instance_pngs.load(root, item)
-        assert len(np.unique(loaded.labels[loaded.labels > 0])) == n_nuclei[item.source], item.source
+        assert n_objects(loaded.labels) == n_nuclei[item.source], item.source
         assert loaded.image.shape[2] in (1, 3)
 
 
-def test_build_end_to_end(dataset, tmp_path_factory):
-    from shardgen.build import build_dataset
-
-    out = tmp_path_factory.mktemp("shards")
-    summary = build_dataset("instance_pngs", dataset, out)
-    assert summary["written"] == len(IMAGES) and summary["rejected"] == 0
-    counts = {}
-    for sample in wds.WebDataset(sorted(glob.glob(str(out / "instance_pngs" / "*.tar"))), shardshuffle=False):
-        image, labels, _, meta, _ = decode_sample(sample)
-        counts[meta.source] = int(labels.max())
+def test_build_end_to_end(dataset, shards_dir):
+    built = build_and_read("instance_pngs", dataset, shards_dir)
+    assert built.summary["written"] == len(IMAGES) and built.summary["rejected"] == 0
+    counts = max_labels(built.samples)
     assert counts == {k: len(v[0]) for k, v in IMAGES.items()}

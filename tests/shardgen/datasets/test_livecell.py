@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from shardgen.base import ItemError, LayoutError
 from shardgen.datasets import livecell
 from shardgen.datasets.livecell import find_items, load, resolve_overlaps
+from tests.shardgen.datasets.helpers import build_and_read, by_source, max_labels, n_objects, random_uint8, write_image
 
 HEIGHT, WIDTH = 40, 56
 
@@ -36,10 +37,8 @@ TEST_S1 = "SkBr3_Phase_E3_1_00d12h00m_1.tif"
 
 
 def write_tif(path: Path, seed: int) -> np.ndarray:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = np.random.default_rng(seed).integers(0, 256, (HEIGHT, WIDTH), dtype=np.uint8)
-    tifffile.imwrite(path, image)
-    return image
+    """A random 8-bit gray TIFF; returns its pixels."""
+    return write_image(path, random_uint8((HEIGHT, WIDTH), seed))
 
 
 def coco(images, annotations, dict_style=False):
@@ -81,14 +80,6 @@ def dataset(tmp_path):
     write_json(root, "val", coco([(11, VAL_B1)], [(11, POLYGON_B)]))
     write_json(root, "test", coco([(21, TEST_S1)], [(21, POLYGON_A), (21, POLYGON_B)], dict_style=True))
     return root, images
-
-
-def by_source(items):
-    return {item.source: item for item in items}
-
-
-def n_objects(labels):
-    return len(np.unique(labels[labels > 0]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,25 +371,15 @@ def test_overlap_rule_matches_a_dense_formulation(boxes):
     np.testing.assert_array_equal(ids, np.arange(1, len(ids) + 1))
 
 
-def test_end_to_end_shards_hold_every_object(dataset, tmp_path):
-    build = pytest.importorskip("shardgen.build")
-    import pyarrow.parquet as pq
-    import webdataset as wds
-
-    from pipeline.shards import decode_sample
-
+def test_end_to_end_shards_hold_every_object(dataset, shards_dir):
     root, images = dataset
-    out = tmp_path / "shards"
-    build.build_dataset("livecell", root, out)
-    urls = sorted(str(p) for p in (out / "livecell").glob("*.tar"))
-    counts = {}
-    for sample in wds.WebDataset(urls, shardshuffle=False):
-        image, labels, _, meta, _ = decode_sample(sample)
-        counts[(meta.split, meta.subset, Path(meta.source).name)] = int(labels.max())
+    built = build_and_read("livecell", root, shards_dir)
+    for image, _, _, meta, _ in built.samples:
         np.testing.assert_array_equal(image[:, :, 0], images[Path(meta.source).name])
         assert image.shape == (HEIGHT, WIDTH, 1) and meta.modality == "phase"
+    counts = max_labels(built.samples, key=lambda meta: (meta.split, meta.subset, Path(meta.source).name))
     assert counts == {("train", "A172", TRAIN_A1): 2, ("val", "BT474", VAL_B1): 1, ("test", "SkBr3", TEST_S1): 2}
-    rejects = {r["source"]: r["reason"] for r in pq.read_table(out / "rejects.parquet").to_pylist()}
+    rejects = {r["source"]: r["reason"] for r in built.rejects}
     missing = f"annotations/LIVECell/livecell_coco_train.json[{TRAIN_MISSING}]"
     assert set(rejects) == {f"images/livecell_train_val_images/A172/{TRAIN_A2}", missing}
     assert rejects[f"images/livecell_train_val_images/A172/{TRAIN_A2}"] == "no objects"

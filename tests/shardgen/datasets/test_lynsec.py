@@ -5,14 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
-import webdataset as wds
 
-from pipeline.shards import decode_sample
-from shardgen.base import LayoutError
-from shardgen.build import build_dataset
 from shardgen.datasets import lynsec
+from tests.shardgen.datasets.helpers import (
+    assert_layout_error, assert_load_errors, build_and_read, by_source, n_objects, samples_by_source,
+)
 
 SIDE = 64
 
@@ -71,7 +69,7 @@ def test_load_splits_rgb_and_labels_and_sets_modality(tmp_path):
         assert loaded.image.dtype == np.uint8 and loaded.image.shape == (SIDE, SIDE, 3)
         assert np.array_equal(loaded.image, array[:, :, :3])
         assert np.array_equal(loaded.labels, array[:, :, 3])
-        assert len(np.unique(loaded.labels[loaded.labels > 0])) == FILES[item.source]
+        assert n_objects(loaded.labels) == FILES[item.source]
         assert loaded.modality == ("ihc" if item.source.startswith("lynsec 1/") else "he")
         loaded_sources.append(item.source)
     assert len(loaded_sources) == len(FILES) - 2
@@ -103,8 +101,7 @@ def test_wrapper_folder_is_accepted(tmp_path):
 
 def test_wrong_folder_raises_layout_error(tmp_path):
     (tmp_path / "lynsec1").mkdir()  # no space: not the published name
-    with pytest.raises(LayoutError, match="'lynsec 1/'"):
-        lynsec.find_items(tmp_path, "all")
+    assert_layout_error(lynsec.find_items, tmp_path, "all", match="'lynsec 1/'")
 
 
 def test_corrupt_truncated_and_misshapen_files_are_rejected_by_name(tmp_path):
@@ -113,14 +110,13 @@ def test_corrupt_truncated_and_misshapen_files_are_rejected_by_name(tmp_path):
     truncated = tmp_path / "lynsec 3" / "2_l3.npy"
     truncated.write_bytes(truncated.read_bytes()[:1000])
     np.save(tmp_path / "lynsec 3" / "10_l3.npy", np.zeros((SIDE, SIDE, 3), np.uint8))  # no label channel
-    items = {item.source: item for item in lynsec.find_items(tmp_path, "all")}
+    items = by_source(lynsec.find_items(tmp_path, "all"))
     assert len(items) == len(FILES)
-    with pytest.raises(ValueError, match="lynsec 1/0_l1.npy: cannot read"):
-        lynsec.load(tmp_path, items["lynsec 1/0_l1.npy"])
-    with pytest.raises(ValueError, match="lynsec 3/2_l3.npy: cannot read"):
-        lynsec.load(tmp_path, items["lynsec 3/2_l3.npy"])
-    with pytest.raises(ValueError, match=r"lynsec 3/10_l3.npy: expected \(H, W, C\) with C >= 4"):
-        lynsec.load(tmp_path, items["lynsec 3/10_l3.npy"])
+    assert_load_errors(lynsec.load, tmp_path, items, {
+        "lynsec 1/0_l1.npy": "lynsec 1/0_l1.npy: cannot read",
+        "lynsec 3/2_l3.npy": "lynsec 3/2_l3.npy: cannot read",
+        "lynsec 3/10_l3.npy": r"lynsec 3/10_l3.npy: expected \(H, W, C\) with C >= 4",
+    })
 
 
 def test_fractional_labels_are_rejected(tmp_path):
@@ -132,27 +128,16 @@ def test_fractional_labels_are_rejected(tmp_path):
         lynsec.load(tmp_path, lynsec.find_items(tmp_path, "all")[1])
 
 
-def _read_back(out: Path, name: str) -> dict:
-    """{source: (image, labels, meta)} of every sample under out/name, read with plain webdataset."""
-    urls = sorted(str(p) for p in (out / name).glob("*.tar"))
-    samples = {}
-    for raw in wds.WebDataset(urls, shardshuffle=False):
-        image, labels, _, meta, _ = decode_sample(raw)
-        samples[meta.source] = (image, labels, meta)
-    return samples
-
-
-def test_build_end_to_end(tmp_path):
+def test_build_end_to_end(tmp_path, shards_dir):
     _write_dataset(tmp_path / "src")
-    summary = build_dataset("lynsec", tmp_path / "src", tmp_path / "shards")
-    assert summary["written"] == len(FILES) - 2 and summary["rejected"] == 2
-    samples = _read_back(tmp_path / "shards", "lynsec")
+    built = build_and_read("lynsec", tmp_path / "src", shards_dir)
+    assert built.summary["written"] == len(FILES) - 2 and built.summary["rejected"] == 2
+    samples = samples_by_source(built.samples)
     assert {source: meta.n_cells for source, (_, _, meta) in samples.items()} == {
         source: n for source, n in FILES.items() if source not in ("lynsec 2/0_l2.npy", "lynsec 2/34_l2.npy")
     }
     for _, labels, meta in samples.values():
         assert int(labels.max()) == meta.n_cells
         assert (meta.subset, meta.modality) == (("ihc", "ihc") if meta.source.startswith("lynsec 1/") else ("he", "he"))
-    rejects = pq.read_table(tmp_path / "shards" / "rejects.parquet").to_pylist()
-    assert sorted(r["source"] for r in rejects) == ["lynsec 2/0_l2.npy", "lynsec 2/34_l2.npy"]
-    assert all("labels do not match the image" in r["reason"] for r in rejects)
+    assert sorted(r["source"] for r in built.rejects) == ["lynsec 2/0_l2.npy", "lynsec 2/34_l2.npy"]
+    assert all("labels do not match the image" in r["reason"] for r in built.rejects)

@@ -4,11 +4,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 
-from shardgen.base import ItemError, LayoutError
+from shardgen.base import ItemError
 from shardgen.datasets import monusac
 from shardgen.datasets.monusac import find_items, load, split_of_folder
+from tests.shardgen.datasets.helpers import (
+    assert_layout_error, build_and_read, max_labels, random_uint8, source_split_subset, write_image,
+)
 
 TRAIN_TOP = "MoNuSAC_images_and_annotations"
 TEST_TOP = "MoNuSAC Testing Data and Annotations"
@@ -45,10 +47,8 @@ def write_xml(path: Path, blocks) -> None:
 
 def write_rgba(path: Path, seed: int) -> np.ndarray:
     """RGBA uint8 TIFF with a varying alpha channel (the converter keeps the first 3)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = np.random.default_rng(seed).integers(0, 256, (HEIGHT, WIDTH, 4), dtype=np.uint8)
-    tifffile.imwrite(path, image, photometric="rgb", extrasamples=["unassalpha"])
-    return image
+    image = random_uint8((HEIGHT, WIDTH, 4), seed)
+    return write_image(path, image, photometric="rgb", extrasamples=["unassalpha"])
 
 
 TRAIN_BLOCKS = [
@@ -95,7 +95,7 @@ def test_find_items_lists_one_item_per_stem_by_split(dataset):
     root, _ = dataset
     train = find_items(root, "train")
     prefix = f"{TRAIN_TOP}/{TRAIN_PATIENT}/{TRAIN_PATIENT}_1"
-    assert [(i.source, i.split, i.subset) for i in train] == [(f"{prefix}.tif", "train", "")]
+    assert source_split_subset(train) == [(f"{prefix}.tif", "train", "")]
     assert train[0].ref == (f"{prefix}.tif", f"{prefix}.xml", f"{prefix}.svs")
     test = find_items(root, "test")
     assert [i.source for i in test] == [
@@ -165,8 +165,7 @@ def test_unnamed_or_unknown_class_blocks_still_count_as_nuclei(dataset):
 
 def test_wrong_folder_raises_layout_error(tmp_path):
     (tmp_path / "TCGA-00-0000-01Z-00-DX1").mkdir()
-    with pytest.raises(LayoutError, match="MoNuSAC_images_and_annotations"):
-        find_items(tmp_path, "train")
+    assert_layout_error(find_items, tmp_path, "train", match="MoNuSAC_images_and_annotations")
 
 
 def test_a_split_whose_folder_is_absent_lists_nothing(dataset, tmp_path):
@@ -178,24 +177,13 @@ def test_a_split_whose_folder_is_absent_lists_nothing(dataset, tmp_path):
     assert len(find_items(only_train, "train")) == 1
 
 
-def test_end_to_end_shards_hold_every_object_and_the_ignore_mask(dataset, tmp_path):
-    build = pytest.importorskip("shardgen.build")
-    import pyarrow.parquet as pq
-    import webdataset as wds
-
-    from pipeline.shards import decode_sample
-
+def test_end_to_end_shards_hold_every_object_and_the_ignore_mask(dataset, shards_dir):
     root, images = dataset
-    out = tmp_path / "shards"
-    build.build_dataset("monusac", root, out)
-    urls = sorted(str(p) for p in (out / "monusac").glob("*.tar"))
-    counts, ignored = {}, {}
-    for sample in wds.WebDataset(urls, shardshuffle=False):
-        image, labels, _, meta, ignore = decode_sample(sample)
-        counts[meta.split] = int(labels.max())
-        ignored[meta.split] = None if ignore is None else int(ignore.sum())
+    built = build_and_read("monusac", root, shards_dir)
+    for image, _, _, meta, _ in built.samples:
         np.testing.assert_array_equal(image, images[meta.split][:, :, :3])
+    counts = max_labels(built.samples, key=lambda meta: meta.split)
+    ignored = {meta.split: None if ignore is None else int(ignore.sum()) for _, _, _, meta, ignore in built.samples}
     assert counts == {"train": 3, "test": 1}
     assert ignored == {"train": None, "test": 21 * 21}
-    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
-    assert len(rejects) == 1 and "image missing (convert the .svs)" in rejects[0]["reason"]
+    assert len(built.rejects) == 1 and "image missing (convert the .svs)" in built.rejects[0]["reason"]

@@ -5,11 +5,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 
-from shardgen.base import ItemError, LayoutError
+from shardgen.base import ItemError
 from shardgen.datasets import monuseg
 from shardgen.datasets.monuseg import find_items, load
+from tests.shardgen.datasets.helpers import (
+    assert_layout_error, assert_load_errors, build_and_read, by_source, max_labels, random_uint8,
+    source_split_subset, write_image,
+)
 
 TRAIN = "MoNuSeg 2018 Training Data"
 TRAIN_ID = "TCGA-AA-0000-01Z-00-DX1"
@@ -42,10 +45,8 @@ def write_xml(path: Path, regions) -> None:
 
 
 def write_rgb(path: Path, seed: int) -> np.ndarray:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = np.random.default_rng(seed).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
-    tifffile.imwrite(path, image, photometric="rgb")
-    return image
+    """A random RGB TIFF; returns its pixels."""
+    return write_image(path, random_uint8((SIZE, SIZE, 3), seed), photometric="rgb")
 
 
 def box(x0, y0, x1, y1):
@@ -84,7 +85,7 @@ def dataset(tmp_path):
 def test_find_items_lists_train_and_test_pairs(dataset):
     root, _ = dataset
     train, test = find_items(root, "train"), find_items(root, "test")
-    assert [(i.source, i.split, i.subset) for i in train] == [
+    assert source_split_subset(train) == [
         (f"{TRAIN}/Tissue Images/{TRAIN_ID}.tif", "train", "")]
     assert train[0].ref == (f"{TRAIN}/Tissue Images/{TRAIN_ID}.tif", f"{TRAIN}/Annotations/{TRAIN_ID}.xml")
     assert [(i.source, i.split) for i in test] == [(f"MoNuSegTestData/{TEST_ID}.tif", "test")]
@@ -129,12 +130,12 @@ def test_image_without_xml_and_xml_without_image_are_items_rejected_with_names(d
     write_rgb(root / lonely_image, 3)
     lonely_xml = f"{TRAIN}/Annotations/TCGA-DD-0000-01Z-00-DX1.xml"
     write_xml(root / lonely_xml, TEST_REGIONS)
-    items = {i.source: i for i in find_items(root, "train")}
+    items = by_source(find_items(root, "train"))
     assert set(items) == {f"{TRAIN}/Tissue Images/{TRAIN_ID}.tif", lonely_image, lonely_xml}
-    with pytest.raises(ItemError, match="TCGA-CC-0000-01Z-00-DX1"):
-        load(root, items[lonely_image])
-    with pytest.raises(ItemError, match="TCGA-DD-0000-01Z-00-DX1.xml"):
-        load(root, items[lonely_xml])
+    assert_load_errors(load, root, items, {
+        lonely_image: "TCGA-CC-0000-01Z-00-DX1",
+        lonely_xml: "TCGA-DD-0000-01Z-00-DX1.xml",
+    }, error=ItemError)
 
 
 def test_truncated_xml_and_corrupt_image_are_rejected_naming_the_file(dataset):
@@ -160,8 +161,7 @@ def test_vertex_without_coordinates_is_rejected(dataset):
 
 def test_wrong_folder_raises_layout_error(tmp_path):
     (tmp_path / "images").mkdir()
-    with pytest.raises(LayoutError, match="MoNuSegTestData"):
-        find_items(tmp_path, "test")
+    assert_layout_error(find_items, tmp_path, "test", match="MoNuSegTestData")
 
 
 def test_missing_split_folder_lists_nothing(dataset):
@@ -190,21 +190,12 @@ def test_real_test_images_give_one_object_per_region(shared_data):
     assert total == 1393
 
 
-def test_end_to_end_shards_hold_every_object(dataset, tmp_path):
-    build = pytest.importorskip("shardgen.build")
-    import webdataset as wds
-
-    from pipeline.shards import decode_sample
-
+def test_end_to_end_shards_hold_every_object(dataset, shards_dir):
     root, images = dataset
-    out = tmp_path / "shards"
-    build.build_dataset("monuseg", root, out)
-    urls = sorted(str(p) for p in (out / "monuseg").glob("*.tar"))
-    counts = {}
-    for sample in wds.WebDataset(urls, shardshuffle=False):
-        image, labels, _, meta, _ = decode_sample(sample)
-        counts[(meta.split, meta.source)] = int(labels.max())
+    built = build_and_read("monuseg", root, shards_dir)
+    for image, _, _, meta, _ in built.samples:
         np.testing.assert_array_equal(image, images[meta.split])
         assert meta.modality == "he"
+    counts = max_labels(built.samples, key=lambda meta: (meta.split, meta.source))
     assert counts == {("train", f"{TRAIN}/Tissue Images/{TRAIN_ID}.tif"): 4,
                       ("test", f"MoNuSegTestData/{TEST_ID}.tif"): 2}

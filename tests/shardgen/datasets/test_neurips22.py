@@ -1,28 +1,19 @@
 """Tests for shardgen/datasets/neurips22.py: the NeurIPS 2022 CellSeg layout (datasets.md 2.8)."""
 
-import glob
 import shutil
 
 import numpy as np
 import pytest
 import tifffile
-import webdataset as wds
 from PIL import Image
 
-from pipeline.shards import decode_sample
-from shardgen.base import ItemError, LayoutError
+from shardgen.base import ItemError
 from shardgen.datasets import neurips22
+from tests.shardgen.datasets.helpers import (
+    assert_layout_error, build_and_read, by_source, damage_file, disc_labels, max_labels, n_objects, write_image,
+)
 
 SHAPE = (40, 52)
-
-
-def disc_labels(centres, radius=5, shape=SHAPE):
-    """int16 labels, as the release ships them."""
-    rows, cols = np.mgrid[: shape[0], : shape[1]]
-    labels = np.zeros(shape, np.int16)
-    for index, (row, col) in enumerate(centres, 1):
-        labels[(rows - row) ** 2 + (cols - col) ** 2 <= radius**2] = index
-    return labels
 
 
 def make_image(labels, kind):
@@ -37,14 +28,6 @@ def make_image(labels, kind):
     else:
         raise ValueError(kind)
     return image
-
-
-def write(path, array):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix in (".tif", ".tiff"):
-        tifffile.imwrite(path, array)
-    else:
-        Image.fromarray(array).save(path)
 
 
 # (images folder, labels folder, file name, storage kind, centres)
@@ -62,9 +45,9 @@ FILES = [
 @pytest.fixture
 def dataset(tmp_path):
     for images, labels, name, kind, centres in FILES:
-        label = disc_labels(centres)
-        write(tmp_path / images / name, make_image(label, kind))
-        write(tmp_path / labels / (name.rsplit(".", 1)[0] + "_label.tiff"), label)
+        label = disc_labels(centres, SHAPE, dtype=np.int16)  # int16, as the release ships them
+        write_image(tmp_path / images / name, make_image(label, kind))
+        write_image(tmp_path / labels / (name.rsplit(".", 1)[0] + "_label.tiff"), label)
     return tmp_path
 
 
@@ -87,7 +70,7 @@ def test_load_every_format(dataset):
         for item in neurips22.find_items(dataset, split):
             loaded = neurips22.load(dataset, item)
             _, _, name, kind, centres = expected[item.source]
-            assert len(np.unique(loaded.labels[loaded.labels > 0])) == len(centres), item.source
+            assert n_objects(loaded.labels) == len(centres), item.source
             assert loaded.labels.dtype == np.uint16  # int16 on disk
             if kind == "rgb8":
                 assert loaded.image.shape == SHAPE + (3,) and loaded.image.dtype == np.uint8
@@ -110,7 +93,7 @@ def test_train_labeled_folder_name_is_accepted(dataset):
 def test_missing_label_and_orphan_label(dataset):
     (dataset / "Training-labeled/labels/cell_00002_label.tiff").unlink()
     (dataset / "Tuning/images/cell_00001.tiff").unlink()
-    train = {i.source: i for i in neurips22.find_items(dataset, "train")}
+    train = by_source(neurips22.find_items(dataset, "train"))
     tuning = neurips22.find_items(dataset, "tuning")
     assert "Training-labeled/images/cell_00002.tif" in train
     assert [i.source for i in tuning] == ["Tuning/labels/cell_00001_label.tiff"]
@@ -123,9 +106,7 @@ def test_missing_label_and_orphan_label(dataset):
 @pytest.mark.parametrize("damage", ["corrupt", "truncated"])
 def test_damaged_files_raise_naming_the_file(dataset, damage):
     for name in ("Training-labeled/images/cell_00001.png", "Training-labeled/labels/cell_00002_label.tiff"):
-        path = dataset / name
-        data = path.read_bytes()
-        path.write_bytes(b"junk" * 4 if damage == "corrupt" else data[: len(data) // 3])
+        damage_file(dataset / name, damage, junk=b"junk" * 4, divisor=3)
     items = neurips22.find_items(dataset, "train")
     assert len(items) == 4
     with pytest.raises(ValueError, match="cell_00001.png"):
@@ -135,7 +116,7 @@ def test_damaged_files_raise_naming_the_file(dataset, damage):
 
 
 def test_size_mismatch(dataset):
-    write(dataset / "Tuning/labels/cell_00001_label.tiff", disc_labels([(5, 5)], shape=(20, 20)))
+    write_image(dataset / "Tuning/labels/cell_00001_label.tiff", disc_labels([(5, 5)], (20, 20), dtype=np.int16))
     with pytest.raises(ItemError, match="cell_00001_label.tiff.*cell_00001.tiff"):
         neurips22.load(dataset, neurips22.find_items(dataset, "tuning")[0])
 
@@ -143,8 +124,7 @@ def test_size_mismatch(dataset):
 def test_wrong_folder(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "labels").mkdir()
-    with pytest.raises(LayoutError, match="Training-labeled"):
-        neurips22.find_items(tmp_path, "train")
+    assert_layout_error(neurips22.find_items, tmp_path, "train", match="Training-labeled")
 
 
 def test_real_sample(shared_data):
@@ -157,21 +137,16 @@ def test_real_sample(shared_data):
         label_path = root / item.ref[1]
         stored = tifffile.imread(label_path)
         assert stored.dtype == np.int16  # as released
-        count = len(np.unique(loaded.labels[loaded.labels > 0]))
-        assert count == len(np.unique(stored[stored > 0])), item.source
+        count = n_objects(loaded.labels)
+        assert count == n_objects(stored), item.source
         total += count
     assert total == 237  # shared/data/README.md
 
 
-def test_build_end_to_end(dataset, tmp_path_factory):
-    from shardgen.build import build_dataset
-
-    out = tmp_path_factory.mktemp("shards")
-    summary = build_dataset("neurips22", dataset, out)
-    assert summary["written"] == len(FILES) and summary["rejected"] == 0
-    counts = {}
-    for sample in wds.WebDataset(sorted(glob.glob(str(out / "neurips22" / "*.tar"))), shardshuffle=False):
-        image, labels, _, meta, _ = decode_sample(sample)
+def test_build_end_to_end(dataset, shards_dir):
+    built = build_and_read("neurips22", dataset, shards_dir)
+    assert built.summary["written"] == len(FILES) and built.summary["rejected"] == 0
+    for image, _, _, meta, _ in built.samples:
         assert len(meta.channel_names) == image.shape[2]
-        counts[meta.source] = int(labels.max())
+    counts = max_labels(built.samples)
     assert counts == {f"{f[0]}/{f[2]}": len(f[4]) for f in FILES}

@@ -7,24 +7,19 @@ import pytest
 import tifffile
 from PIL import Image
 
-from shardgen.base import LayoutError
 from shardgen.datasets import nuinsseg
+from tests.shardgen.datasets.helpers import (
+    assert_layout_error, assert_load_errors, build_and_read, by_source, disc_labels, max_labels,
+    source_split_subset, truncate,
+)
 
 SHAPE = (40, 40)
 CENTRES = [(8, 8), (28, 28), (28, 8), (8, 28)]
 
 
-def disc_labels(n_cells: int, radius=5) -> np.ndarray:
-    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
-    labels = np.zeros(SHAPE, np.uint16)
-    for index, (y, x) in enumerate(CENTRES[:n_cells], 1):
-        labels[(yy - y) ** 2 + (xx - x) ** 2 <= radius**2] = index
-    return labels
-
-
 def write_sample(tissue: Path, name: str, n_cells: int, alpha=None) -> None:
     """RGBA PNG (alpha 255 unless given) + uint16 'label masks modify' TIF + a decoy 'label masks'."""
-    labels = disc_labels(n_cells)
+    labels = disc_labels(CENTRES[:n_cells], SHAPE)
     rgba = np.empty((*SHAPE, 4), np.uint8)
     rgba[...] = (230, 180, 210, 255)
     rgba[labels > 0] = (120, 60, 160, 255)
@@ -35,7 +30,7 @@ def write_sample(tissue: Path, name: str, n_cells: int, alpha=None) -> None:
     Image.fromarray(rgba, "RGBA").save(tissue / "tissue images" / f"{name}.png")
     tifffile.imwrite(tissue / "label masks modify" / f"{name}.tif", labels)
     # decoy: 'label masks' gives overlaps a new id; here it merely has a different count
-    tifffile.imwrite(tissue / "label masks" / f"{name}.tif", disc_labels(1))
+    tifffile.imwrite(tissue / "label masks" / f"{name}.tif", disc_labels(CENTRES[:1], SHAPE))
 
 
 @pytest.fixture
@@ -50,7 +45,7 @@ def dataset(tmp_path) -> Path:
 
 def test_find_items_lists_every_image_with_its_modify_label(dataset):
     items = nuinsseg.find_items(dataset, "all")
-    assert [(i.source, i.split, i.subset) for i in items] == [
+    assert source_split_subset(items) == [
         ("NuInsSeg/human bladder/tissue images/h1.png", "all", ""),
         ("NuInsSeg/human bladder/tissue images/h2.png", "all", ""),
         ("NuInsSeg/mouse liver/tissue images/m1.png", "all", ""),
@@ -90,44 +85,31 @@ def test_bad_files_are_listed_and_rejected_with_their_name(dataset):
     tissue = dataset / "NuInsSeg" / "mouse liver"
     (tissue / "tissue images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
     write_sample(tissue, "cut", 2)
-    data = (tissue / "tissue images" / "cut.png").read_bytes()
-    (tissue / "tissue images" / "cut.png").write_bytes(data[: len(data) // 2])
+    truncate(tissue / "tissue images" / "cut.png")
     write_sample(tissue, "lonely", 2)
     (tissue / "label masks modify" / "lonely.tif").unlink()
     write_sample(tissue, "orphan", 2)
     (tissue / "tissue images" / "orphan.png").unlink()
-    items = {i.source: i for i in nuinsseg.find_items(dataset, "all")}
     expected = {
         "NuInsSeg/mouse liver/tissue images/corrupt.png": "corrupt.png",
         "NuInsSeg/mouse liver/tissue images/cut.png": "cut.png",
         "NuInsSeg/mouse liver/tissue images/lonely.png": "lonely.png has no label file",
         "NuInsSeg/mouse liver/label masks modify/orphan.tif": "orphan.tif has no matching image",
     }
-    for source, message in expected.items():
-        with pytest.raises(ValueError, match=message):
-            nuinsseg.load(dataset, items[source])
+    assert_load_errors(nuinsseg.load, dataset, by_source(nuinsseg.find_items(dataset, "all")), expected)
 
 
 def test_wrong_folder_raises_layout_error(tmp_path):
     (tmp_path / "images").mkdir()
-    with pytest.raises(LayoutError, match="tissue images"):
-        nuinsseg.find_items(tmp_path, "all")
+    assert_layout_error(nuinsseg.find_items, tmp_path, "all", match="tissue images")
 
 
-def test_end_to_end_shards_hold_every_object(dataset, tmp_path):
-    build = pytest.importorskip("shardgen.build")
-    import webdataset as wds
-
-    from pipeline.shards import decode_sample
-
-    build.build_dataset("nuinsseg", dataset, tmp_path / "shards")
-    urls = sorted(str(p) for p in (tmp_path / "shards" / "nuinsseg").glob("*.tar"))
-    counts = {}
-    for sample in wds.WebDataset(urls, shardshuffle=False):
-        image, labels, _, meta, ignore = decode_sample(sample)
-        counts[meta.source] = int(labels.max())
+def test_end_to_end_shards_hold_every_object(dataset, shards_dir):
+    built = build_and_read("nuinsseg", dataset, shards_dir)
+    for image, _, _, meta, ignore in built.samples:
         assert image.shape == (*SHAPE, 3) and meta.channel_names == ("red", "green", "blue")
         assert ignore is None
+    counts = max_labels(built.samples)
     assert counts == {
         "NuInsSeg/human bladder/tissue images/h1.png": 3,
         "NuInsSeg/human bladder/tissue images/h2.png": 2,

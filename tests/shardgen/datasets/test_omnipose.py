@@ -7,19 +7,12 @@ import pytest
 import tifffile
 from PIL import Image
 
-from shardgen.base import LayoutError
 from shardgen.datasets import omnipose
+from tests.shardgen.datasets.helpers import (
+    assert_layout_error, assert_load_errors, build_and_read, by_source, disc_labels, n_objects, truncate,
+)
 
 SHAPE = (48, 56)
-
-
-def disc_labels(centres, radius=6, shape=SHAPE) -> np.ndarray:
-    """uint16 labels with one disc per centre, ids 1.. in order."""
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    labels = np.zeros(shape, np.uint16)
-    for index, (y, x) in enumerate(centres, 1):
-        labels[(yy - y) ** 2 + (xx - x) ** 2 <= radius**2] = index
-    return labels
 
 
 def phase_image(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -30,7 +23,7 @@ def phase_image(labels: np.ndarray, seed: int) -> np.ndarray:
 def write_pair(folder: Path, name: str, n_cells: int, *, mask_ext=".tif", flows=True, seed=0) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     centres = [(12, 12), (30, 40), (36, 14)][:n_cells]
-    labels = disc_labels(centres)
+    labels = disc_labels(centres, SHAPE, radius=6)
     tifffile.imwrite(folder / f"{name}.tif", phase_image(labels, seed))
     if mask_ext == ".png":
         Image.fromarray(labels.astype(np.uint8)).save(folder / f"{name}_masks.png")
@@ -90,7 +83,7 @@ def test_load_gives_gray_image_and_all_objects(dataset, source, n_cells, modalit
     source_image = tifffile.imread(dataset / source)
     np.testing.assert_array_equal(loaded.image[:, :, 0], source_image)
     assert loaded.labels.shape == SHAPE
-    assert len(np.unique(loaded.labels[loaded.labels > 0])) == n_cells
+    assert n_objects(loaded.labels) == n_cells
     assert loaded.modality == modality and loaded.channel_names == (channel,)
 
 
@@ -110,47 +103,33 @@ def test_bad_files_are_listed_and_rejected_with_their_name(dataset):
     folder = dataset / "bact_phase/train_sorted/set1"
     (folder / "corrupt.tif").write_bytes(b"II*\x00" + b"\x07" * 40)
     write_pair(folder, "cut", 2, flows=False)
-    data = (folder / "cut.tif").read_bytes()
-    (folder / "cut.tif").write_bytes(data[: len(data) // 2])
+    truncate(folder / "cut.tif")
     write_pair(folder, "lonely", 2, flows=False)
     (folder / "lonely_masks.tif").unlink()
     write_pair(folder, "orphan", 2, flows=False)
     (folder / "orphan.tif").unlink()
 
-    items = {i.source: i for i in omnipose.find_items(dataset, "train")}
     expected = {
         "bact_phase/train_sorted/set1/corrupt.tif": "corrupt.tif",
         "bact_phase/train_sorted/set1/cut.tif": "cut.tif",
         "bact_phase/train_sorted/set1/lonely.tif": "lonely.tif.*no label",
         "bact_phase/train_sorted/set1/orphan_masks.tif": "orphan_masks.tif.*no matching image",
     }
-    for source, message in expected.items():
-        assert source in items
-        with pytest.raises((ValueError, FileNotFoundError), match=message):
-            omnipose.load(dataset, items[source])
+    items = by_source(omnipose.find_items(dataset, "train"))
+    assert_load_errors(omnipose.load, dataset, items, expected, error=(ValueError, FileNotFoundError))
 
 
 def test_wrong_folder_raises_layout_error(tmp_path):
     (tmp_path / "images").mkdir()
-    with pytest.raises(LayoutError, match="bact_phase"):
-        omnipose.find_items(tmp_path, "train")
-    with pytest.raises(LayoutError):
-        omnipose.find_items(tmp_path / "missing", "train")
+    assert_layout_error(omnipose.find_items, tmp_path, "train", match="bact_phase")
+    assert_layout_error(omnipose.find_items, tmp_path / "missing", "train")
 
 
-def test_end_to_end_shards_hold_every_object(dataset, tmp_path):
-    build = pytest.importorskip("shardgen.build")
-    import webdataset as wds
-
-    from pipeline.shards import decode_sample
-
-    build.build_dataset("omnipose", dataset, tmp_path / "shards")
-    urls = sorted(str(p) for p in (tmp_path / "shards" / "omnipose").glob("*.tar"))
-    counts = {}
-    for sample in wds.WebDataset(urls, shardshuffle=False):
-        image, labels, flows, meta, ignore = decode_sample(sample)
-        counts[meta.source] = (int(labels.max()), meta.subset, meta.modality)
+def test_end_to_end_shards_hold_every_object(dataset, shards_dir):
+    built = build_and_read("omnipose", dataset, shards_dir)
+    for image, _, flows, _, ignore in built.samples:
         assert image.shape == (*SHAPE, 1) and flows.shape == (2, *SHAPE) and ignore is None
+    counts = {meta.source: (int(labels.max()), meta.subset, meta.modality) for _, labels, _, meta, _ in built.samples}
     assert counts == {
         "bact_phase/train_sorted/set1/a.tif": (3, "bact_phase", "phase"),
         "bact_phase/train_sorted/set2/10.tif": (2, "bact_phase", "phase"),

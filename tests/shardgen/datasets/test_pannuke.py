@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset as wds
 
-from pipeline.shards import decode_sample
-from shardgen.base import LayoutError
-from shardgen.build import build_dataset
 from shardgen.datasets import pannuke
+from tests.shardgen.datasets.helpers import assert_layout_error, build_and_read, samples_by_source, traced_peak
 
 N_ROWS, SIDE = 3, 32
 
@@ -76,8 +72,8 @@ def test_missing_fold_lists_nothing_but_wrong_folder_raises(tmp_path):
     _write_fold(tmp_path, 2)
     assert pannuke.find_items(tmp_path, "fold1") == []
     assert len(pannuke.find_items(tmp_path, "fold2")) == N_ROWS
-    with pytest.raises(LayoutError, match="Fold k/images/foldk/images.npy"):
-        pannuke.find_items(tmp_path / "Fold 2", "fold2")  # one level too deep
+    # one level too deep
+    assert_layout_error(pannuke.find_items, tmp_path / "Fold 2", "fold2", match="Fold k/images/foldk/images.npy")
     with pytest.raises(ValueError, match="splits"):
         pannuke.find_items(tmp_path, "train")
 
@@ -139,32 +135,17 @@ def test_load_reads_one_row_not_the_arrays(tmp_path):
     np.save(fold / "masks" / "fold3" / "masks.npy", masks)
     del masks
     item = pannuke.find_items(tmp_path, "fold3")[20]
-    tracemalloc.start()
-    try:
-        loaded = pannuke.load(tmp_path, item)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    loaded, peak = traced_peak(pannuke.load, tmp_path, item)
     assert np.unique(loaded.labels).tolist() == [0, 42]
     row_bytes = side * side * 9 * 8  # one row of images and masks, float64
     assert peak < 4 * row_bytes < n_rows * row_bytes / 4
 
 
-def _read_back(out: Path, name: str) -> dict:
-    """{source: (image, labels, meta)} of every sample under out/name, read with plain webdataset."""
-    urls = sorted(str(p) for p in (out / name).glob("*.tar"))
-    samples = {}
-    for raw in wds.WebDataset(urls, shardshuffle=False):
-        image, labels, _, meta, _ = decode_sample(raw)
-        samples[meta.source] = (image, labels, meta)
-    return samples
-
-
-def test_build_end_to_end(tmp_path):
+def test_build_end_to_end(tmp_path, shards_dir):
     _, _, n_objects = _write_fold(tmp_path / "src", 1)
-    summary = build_dataset("pannuke", tmp_path / "src", tmp_path / "shards")
-    assert summary["written"] == N_ROWS and summary["rejected"] == 0
-    samples = _read_back(tmp_path / "shards", "pannuke")
+    built = build_and_read("pannuke", tmp_path / "src", shards_dir)
+    assert built.summary["written"] == N_ROWS and built.summary["rejected"] == 0
+    samples = samples_by_source(built.samples)
     assert {source: meta.n_cells for source, (_, _, meta) in samples.items()} == {
         f"Fold 1/images/fold1/images.npy[{row}]": n_objects[row] for row in range(N_ROWS)
     }

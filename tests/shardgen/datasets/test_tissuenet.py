@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset as wds
 
-from pipeline.shards import decode_sample
 from shardgen.base import LayoutError
-from shardgen.build import build_dataset
 from shardgen.datasets import tissuenet
 from shardgen.datasets.tissuenet import CompressedNpyRows, npz_member
+from tests.shardgen.datasets.helpers import (
+    assert_layout_error, build_and_read, disc_mask, n_objects, samples_by_source, traced_peak,
+)
 
 SIZES = {"train": (3, 64), "val": (2, 32), "test": (2, 32)}  # (rows, side) as datasets.md's recipe
-
-
-def _disc(shape, centre, radius):
-    yy, xx = np.ogrid[: shape[0], : shape[1]]
-    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
 
 
 def _fake_split(n_rows: int, side: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -33,9 +27,9 @@ def _fake_split(n_rows: int, side: int, seed: int) -> tuple[np.ndarray, np.ndarr
         count = 2 + row % 2  # 2 or 3 cells
         for k in range(count):
             centre = (side // 4 + (k * side) // 4, side // 4 + (k * side) // 4)
-            cell = _disc((side, side), centre, side // 8)
+            cell = disc_mask(centre, (side, side), side // 8)
             labels[row, :, :, 0][cell] = 1000 + 7 * k  # whole-cell ids, not consecutive
-            labels[row, :, :, 1][_disc((side, side), centre, 2)] = k + 1
+            labels[row, :, :, 1][disc_mask(centre, (side, side), 2)] = k + 1
             images[row, :, :, 1][cell] += 0.75  # membrane/cytoplasm
         images[row, :, :, 0] = labels[row, :, :, 1] > 0  # nucleus
         images[row] += rng.random((side, side, 2), dtype=np.float32) * 0.1
@@ -106,7 +100,7 @@ def test_load_reorders_channels_and_takes_whole_cell_labels(tmp_path, version, c
                 expected = np.round((values - values.min()) / (values.max() - values.min()) * 65535)
                 assert np.array_equal(loaded.image[:, :, project_channel], expected.astype(np.uint16))
             assert np.array_equal(loaded.labels, labels[row, :, :, 0])
-            assert len(np.unique(loaded.labels[loaded.labels > 0])) == n_cells[row]
+            assert n_objects(loaded.labels) == n_cells[row]
 
 
 def test_whole_number_images_stay_as_stored(tmp_path):
@@ -135,10 +129,8 @@ def test_two_versions_of_one_split_raise(tmp_path):
 def test_wrong_folder_raises_layout_error(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "train.zip").write_bytes(b"PK")
-    with pytest.raises(LayoutError, match="tissuenet_v1.1_"):
-        tissuenet.find_items(tmp_path, "train")
-    with pytest.raises(LayoutError):
-        tissuenet.find_items(tmp_path / "missing", "train")
+    assert_layout_error(tissuenet.find_items, tmp_path, "train", match="tissuenet_v1.1_")
+    assert_layout_error(tissuenet.find_items, tmp_path / "missing", "train")
 
 
 def test_missing_split_file_lists_nothing(tmp_path):
@@ -246,12 +238,7 @@ def test_npz_member_reads_one_row_without_reading_the_array(tmp_path, compressed
     path = tmp_path / "big.npz"
     (np.savez_compressed if compressed else np.savez)(path, X=big)
     del big
-    tracemalloc.start()
-    try:
-        row = np.asarray(npz_member(path, "X")[120])
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    row, peak = traced_peak(lambda: np.asarray(npz_member(path, "X")[120]))
     assert row.shape == (side, side) and np.all(row == 120)
     array_bytes = n_rows * side * side * 4
     # One row is 256 KiB; the streaming buffer is 1 MiB. The array is 32 MiB.
@@ -263,21 +250,11 @@ def test_npz_member_reads_one_row_without_reading_the_array(tmp_path, compressed
 # ------------------------------------------------------------------------------------------------
 
 
-def _read_back(out: Path, name: str) -> dict:
-    """{source: (image, labels, meta)} of every sample under out/name, read with plain webdataset."""
-    urls = sorted(str(p) for p in (out / name).glob("*.tar"))
-    samples = {}
-    for raw in wds.WebDataset(urls, shardshuffle=False):
-        image, labels, _, meta, _ = decode_sample(raw)
-        samples[meta.source] = (image, labels, meta)
-    return samples
-
-
-def test_build_end_to_end_from_compressed_npz(tmp_path):
+def test_build_end_to_end_from_compressed_npz(tmp_path, shards_dir):
     written = _write_dataset(tmp_path / "src", compressed=True)
-    summary = build_dataset("tissuenet", tmp_path / "src", tmp_path / "shards")
-    assert summary["written"] == sum(n for n, _ in SIZES.values()) and summary["rejected"] == 0
-    samples = _read_back(tmp_path / "shards", "tissuenet")
+    built = build_and_read("tissuenet", tmp_path / "src", shards_dir)
+    assert built.summary["written"] == sum(n for n, _ in SIZES.values()) and built.summary["rejected"] == 0
+    samples = samples_by_source(built.samples)
     for split, (images, _, n_cells) in written.items():
         for row in range(len(images)):
             image, labels, meta = samples[f"tissuenet_v1.1_{split}.npz[{row}]"]

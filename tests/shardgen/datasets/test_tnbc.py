@@ -1,28 +1,23 @@
 """Tests for shardgen/datasets/tnbc.py: Slide_NN/GT_NN pairs, binary masks, RGBA images."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-from PIL import Image
 
-from shardgen.base import ItemError, LayoutError
+from shardgen.base import ItemError
 from shardgen.datasets import tnbc
 from shardgen.datasets.tnbc import find_items, load
+from tests.shardgen.datasets.helpers import (
+    assert_layout_error, assert_load_errors, build_and_read, by_source, max_labels, random_uint8,
+    source_split_subset, write_image,
+)
 
 TOP = "TNBC_NucleiSegmentation"
 SIZE = 40
 
 
-def write_png(path: Path, array: np.ndarray) -> np.ndarray:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-    return array
-
-
 def rgba(seed: int) -> np.ndarray:
     """RGBA uint8 with a varying alpha (the converter keeps the first 3 channels regardless)."""
-    return np.random.default_rng(seed).integers(0, 256, (SIZE, SIZE, 4), dtype=np.uint8)
+    return random_uint8((SIZE, SIZE, 4), seed)
 
 
 def binary_mask() -> np.ndarray:
@@ -38,13 +33,13 @@ def binary_mask() -> np.ndarray:
 def dataset(tmp_path):
     root = tmp_path / "tnbc"
     images = {
-        "01_1.png": write_png(root / TOP / "Slide_01" / "01_1.png", rgba(1)),
-        "02_1.png": write_png(root / TOP / "Slide_02" / "02_1.png", rgba(2)),
+        "01_1.png": write_image(root / TOP / "Slide_01" / "01_1.png", rgba(1)),
+        "02_1.png": write_image(root / TOP / "Slide_02" / "02_1.png", rgba(2)),
     }
-    write_png(root / TOP / "GT_01" / "01_1.png", binary_mask())
+    write_image(root / TOP / "GT_01" / "01_1.png", binary_mask())
     single = np.zeros((SIZE, SIZE), np.uint8)
     single[5:15, 20:30] = 255
-    write_png(root / TOP / "GT_02" / "02_1.png", single)
+    write_image(root / TOP / "GT_02" / "02_1.png", single)
     # Archive debris.
     (root / "__MACOSX" / TOP / "Slide_01").mkdir(parents=True)
     (root / "__MACOSX" / TOP / "Slide_01" / "._01_1.png").write_bytes(b"\x00\x05\x16\x07")
@@ -55,7 +50,7 @@ def dataset(tmp_path):
 def test_find_items_pairs_slide_and_gt_files(dataset):
     root, _ = dataset
     items = find_items(root, "all")
-    assert [(i.source, i.split, i.subset) for i in items] == [
+    assert source_split_subset(items) == [
         (f"{TOP}/Slide_01/01_1.png", "all", ""), (f"{TOP}/Slide_02/02_1.png", "all", "")]
     assert items[0].ref == (f"{TOP}/Slide_01/01_1.png", f"{TOP}/GT_01/01_1.png")
     assert tnbc.INFO.splits == ("all",) and find_items(root, "train") == []
@@ -77,7 +72,7 @@ def test_load_drops_alpha_and_labels_connected_components(dataset):
 
 def test_constant_alpha_and_rgb_images_load_too(dataset):
     root, _ = dataset
-    rgb = write_png(root / TOP / "Slide_01" / "01_1.png", rgba(3)[:, :, :3])
+    rgb = write_image(root / TOP / "Slide_01" / "01_1.png", rgba(3)[:, :, :3])
     np.testing.assert_array_equal(load(root, find_items(root, "all")[0]).image, rgb)
 
 
@@ -92,15 +87,15 @@ def test_brain_variant_top_folder_is_read(dataset, tmp_path):
 
 def test_missing_partner_files_are_items_rejected_with_the_name(dataset):
     root, _ = dataset
-    write_png(root / TOP / "Slide_02" / "02_2.png", rgba(4))
-    write_png(root / TOP / "GT_03" / "03_1.png", binary_mask())  # a GT folder without its slide
-    items = {i.source: i for i in find_items(root, "all")}
+    write_image(root / TOP / "Slide_02" / "02_2.png", rgba(4))
+    write_image(root / TOP / "GT_03" / "03_1.png", binary_mask())  # a GT folder without its slide
+    items = by_source(find_items(root, "all"))
     assert f"{TOP}/Slide_02/02_2.png" in items and f"{TOP}/GT_03/03_1.png" in items
     assert len(items) == 4
-    with pytest.raises(ItemError, match="02_2.png has no mask"):
-        load(root, items[f"{TOP}/Slide_02/02_2.png"])
-    with pytest.raises(ItemError, match="GT_03/03_1.png has no matching image"):
-        load(root, items[f"{TOP}/GT_03/03_1.png"])
+    assert_load_errors(load, root, items, {
+        f"{TOP}/Slide_02/02_2.png": "02_2.png has no mask",
+        f"{TOP}/GT_03/03_1.png": "GT_03/03_1.png has no matching image",
+    }, error=ItemError)
 
 
 def test_corrupt_files_and_size_mismatch_are_rejected_naming_the_file(dataset):
@@ -109,36 +104,24 @@ def test_corrupt_files_and_size_mismatch_are_rejected_naming_the_file(dataset):
     gt.write_bytes(gt.read_bytes()[:50])
     with pytest.raises(ValueError, match="01_1.png"):
         load(root, find_items(root, "all")[0])
-    write_png(root / TOP / "GT_02" / "02_1.png", np.zeros((SIZE, SIZE + 2), np.uint8))
+    write_image(root / TOP / "GT_02" / "02_1.png", np.zeros((SIZE, SIZE + 2), np.uint8))
     with pytest.raises(ItemError, match="GT_02/02_1.png.*Slide_02/02_1.png"):
         load(root, find_items(root, "all")[1])
 
 
 def test_wrong_folder_raises_layout_error(tmp_path):
     (tmp_path / "Slide_01").mkdir()
-    with pytest.raises(LayoutError, match="TNBC_NucleiSegmentation"):
-        find_items(tmp_path, "all")
+    assert_layout_error(find_items, tmp_path, "all", match="TNBC_NucleiSegmentation")
 
 
-def test_end_to_end_shards_hold_every_object(dataset, tmp_path):
-    build = pytest.importorskip("shardgen.build")
-    import pyarrow.parquet as pq
-    import webdataset as wds
-
-    from pipeline.shards import decode_sample
-
+def test_end_to_end_shards_hold_every_object(dataset, shards_dir):
     root, images = dataset
-    write_png(root / TOP / "Slide_02" / "02_2.png", rgba(5))  # no mask: a reject
-    out = tmp_path / "shards"
-    build.build_dataset("tnbc", root, out)
-    urls = sorted(str(p) for p in (out / "tnbc").glob("*.tar"))
-    counts = {}
-    for sample in wds.WebDataset(urls, shardshuffle=False):
-        image, labels, _, meta, ignore = decode_sample(sample)
-        counts[meta.source] = int(labels.max())
+    write_image(root / TOP / "Slide_02" / "02_2.png", rgba(5))  # no mask: a reject
+    built = build_and_read("tnbc", root, shards_dir)
+    for image, _, _, meta, ignore in built.samples:
         assert image.shape == (SIZE, SIZE, 3) and meta.modality == "he" and ignore is None
         if meta.source.endswith("01_1.png"):
             np.testing.assert_array_equal(image, images["01_1.png"][:, :, :3])
+    counts = max_labels(built.samples)
     assert counts == {f"{TOP}/Slide_01/01_1.png": 2, f"{TOP}/Slide_02/02_1.png": 1}
-    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
-    assert [(r["source"], "has no mask" in r["reason"]) for r in rejects] == [(f"{TOP}/Slide_02/02_2.png", True)]
+    assert [(r["source"], "has no mask" in r["reason"]) for r in built.rejects] == [(f"{TOP}/Slide_02/02_2.png", True)]

@@ -6,20 +6,14 @@ import numpy as np
 import pytest
 import tifffile
 
-from shardgen.base import LayoutError
 from shardgen.datasets import yeaz
+from tests.shardgen.datasets.helpers import (
+    assert_layout_error, assert_load_errors, build_and_read, by_source, disc_labels, truncate,
+)
 
 SHAPE = (40, 44)
 BF = "gold-standard-BF-V-1"
 PHC = "gold-standard-PhC-plus-2"
-
-
-def disc_labels(centres, radius=5, shape=SHAPE) -> np.ndarray:
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    labels = np.zeros(shape, np.uint16)
-    for index, (y, x) in enumerate(centres, 1):
-        labels[(yy - y) ** 2 + (xx - x) ** 2 <= radius**2] = index
-    return labels
 
 
 CENTRES = [(10, 10), (28, 32), (30, 10), (10, 34)]
@@ -27,7 +21,7 @@ CENTRES = [(10, 10), (28, 32), (30, 10), (10, 34)]
 
 def write_bf(folder: Path, name: str, n_cells: int) -> np.ndarray:
     folder.mkdir(parents=True, exist_ok=True)
-    labels = disc_labels(CENTRES[:n_cells])
+    labels = disc_labels(CENTRES[:n_cells], SHAPE)
     image = (60 + 100 * (labels > 0)).astype(np.uint8)
     tifffile.imwrite(folder / f"{name}_im.tif", image)
     tifffile.imwrite(folder / f"{name}_mask.tif", labels)
@@ -41,7 +35,7 @@ def write_phc(folder: Path, name: str, cells_per_frame, mask_frames=None, photom
     (and other writers) do for (3, H, W) data.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    labels = np.stack([disc_labels(CENTRES[:n]) for n in cells_per_frame])
+    labels = np.stack([disc_labels(CENTRES[:n], SHAPE) for n in cells_per_frame])
     image = (1000 + 300 * (labels > 0) + np.arange(len(cells_per_frame))[:, None, None]).astype(np.uint16)
     tifffile.imwrite(folder / f"{name}_im.tif", image, photometric=photometric)
     mask = labels if mask_frames is None else labels[:mask_frames]
@@ -116,7 +110,7 @@ def test_frame_count_mismatch_rejects_every_frame(dataset):
             yeaz.load(dataset, item)
     # a 2-D image with a stacked mask is a mismatch too
     write_bf(dataset / BF, "x3", 2)
-    tifffile.imwrite(dataset / BF / "x3_mask.tif", np.stack([disc_labels(CENTRES[:2])] * 2))
+    tifffile.imwrite(dataset / BF / "x3_mask.tif", np.stack([disc_labels(CENTRES[:2], SHAPE)] * 2))
     item = next(i for i in yeaz.find_items(dataset, "all") if "x3" in i.source)
     with pytest.raises(ValueError, match="x3_im.tif has 1 frame"):
         yeaz.load(dataset, item)
@@ -126,8 +120,7 @@ def test_bad_files_are_listed_and_rejected_with_their_name(dataset):
     folder = dataset / PHC
     (folder / "broken_im.tif").write_bytes(b"II*\x00" + b"\x01" * 30)
     write_phc(folder, "cut", [2, 2, 2, 2, 2, 2])
-    data = (folder / "cut_im.tif").read_bytes()
-    (folder / "cut_im.tif").write_bytes(data[: len(data) // 2])
+    truncate(folder / "cut_im.tif")
     write_bf(dataset / BF, "lonely", 2)
     (dataset / BF / "lonely_mask.tif").unlink()
     write_bf(dataset / BF, "orphan", 2)
@@ -135,7 +128,6 @@ def test_bad_files_are_listed_and_rejected_with_their_name(dataset):
     tifffile.imwrite(dataset / BF / "notes.tif", np.zeros(SHAPE, np.uint8))
 
     items = yeaz.find_items(dataset, "all")
-    by_source = {i.source: i for i in items}
     cut_items = [i for i in items if "cut_im" in i.source]
     assert cut_items, "a truncated stack is still listed"
     expected = {
@@ -144,9 +136,7 @@ def test_bad_files_are_listed_and_rejected_with_their_name(dataset):
         f"{BF}/orphan_mask.tif": "orphan_mask.tif has no matching image",
         f"{BF}/notes.tif": "notes.tif: unexpected file",
     }
-    for source, message in expected.items():
-        with pytest.raises(ValueError, match=message):
-            yeaz.load(dataset, by_source[source])
+    assert_load_errors(yeaz.load, dataset, by_source(items), expected)
     for item in cut_items:
         with pytest.raises(ValueError, match="cut_im.tif"):
             yeaz.load(dataset, item)
@@ -154,23 +144,14 @@ def test_bad_files_are_listed_and_rejected_with_their_name(dataset):
 
 def test_wrong_folder_raises_layout_error(tmp_path):
     (tmp_path / "images").mkdir()
-    with pytest.raises(LayoutError, match="gold-standard-BF-V-1"):
-        yeaz.find_items(tmp_path, "all")
+    assert_layout_error(yeaz.find_items, tmp_path, "all", match="gold-standard-BF-V-1")
 
 
-def test_end_to_end_shards_hold_every_object(dataset, tmp_path):
-    build = pytest.importorskip("shardgen.build")
-    import webdataset as wds
-
-    from pipeline.shards import decode_sample
-
-    build.build_dataset("yeaz", dataset, tmp_path / "shards")
-    urls = sorted(str(p) for p in (tmp_path / "shards" / "yeaz").glob("*.tar"))
-    counts = {}
-    for sample in wds.WebDataset(urls, shardshuffle=False):
-        image, labels, _, meta, _ = decode_sample(sample)
-        counts[meta.source] = (int(labels.max()), meta.subset, meta.modality)
+def test_end_to_end_shards_hold_every_object(dataset, shards_dir):
+    built = build_and_read("yeaz", dataset, shards_dir)
+    for image, _, _, _, _ in built.samples:
         assert image.shape == (*SHAPE, 1)
+    counts = {meta.source: (int(labels.max()), meta.subset, meta.modality) for _, labels, _, meta, _ in built.samples}
     assert counts == {
         f"{BF}/x1_im.tif": (2, "bf", "brightfield"),
         f"{BF}/x2_im.tif": (3, "bf", "brightfield"),
