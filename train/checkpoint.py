@@ -98,7 +98,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        dcp.save(self._state(), checkpoint_id=str(tmp))
+        dcp.save(self._state(), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
         _barrier()
         if _is_rank0():
             (tmp / "meta.json").write_text(json.dumps({"step": step, "config": json.loads(self.config_json)}, indent=1))
@@ -120,7 +120,7 @@ class Checkpointer:
         elif step not in steps:
             raise FileNotFoundError(f"no checkpoint of step {step} in {self.folder}; have {steps}")
         state = self._state()
-        dcp.load(state, checkpoint_id=str(self.path(step)))
+        dcp.load(state, checkpoint_id=str(self.path(step)), no_dist=not dist.is_initialized())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(strict=True))
         for name, obj in self.extra.items():
