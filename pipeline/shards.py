@@ -43,6 +43,17 @@ WEIGHTS_FILE = "weights.yaml"
 # decoding speed (what training pays) barely depends on the level.
 _ZSTD_LEVEL = 3
 
+# Splits whose samples are drawn in training (weights.yaml counts them, the trainer streams them);
+# the others (test, val, tuning, fold3) are for validation and evaluation. PanNuke's and IHC TMA's
+# folds 1-2 train and fold 3 tests, the common protocol.
+TRAIN_SPLITS = ("train", "all", "fold1", "fold2")
+
+
+def group_key(dataset: str, subset: str) -> str:
+    """A sampling group's name in weights.yaml: the dataset, or "dataset/subset"."""
+    return f"{dataset}/{subset}" if subset else dataset
+
+
 MANIFEST_SCHEMA = pa.schema(
     [
         ("dataset", pa.string()),

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.shards import WEIGHTS_FILE
+from pipeline.shards import TRAIN_SPLITS, WEIGHTS_FILE, group_key
 
 PAPER_WEIGHTS = {
     "cyto2": 0.59,
@@ -35,14 +35,6 @@ PAPER_WEIGHTS = {
     "omnipose/bact_phase": 0.015,
     "omnipose/bact_fluor": 0.015,
 }
-# The split whose samples are drawn in training; the others are for validation and tests.
-TRAIN_SPLITS = ("train", "all", "fold1", "fold2")
-
-
-def group_key(dataset: str, subset: str) -> str:
-    return f"{dataset}/{subset}" if subset else dataset
-
-
 def read_overrides(path: str | Path | None) -> dict[str, float]:
     """Weights from a YAML mapping; ValueError naming the file and entry when malformed."""
     if path is None:
