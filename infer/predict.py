@@ -1,0 +1,557 @@
+"""The network on an image of any size: normalise, rescale, pad, tile, blend, then masks.
+
+:func:`predict` follows Cellpose 4's inference path (``CellposeModel.eval`` -> ``_run_net`` ->
+``core.run_net``; paper.md 2c) step by step:
+
+1. **Channels.** An (H, W) or (H, W, C) image with 1 <= C <= 3; fewer channels than the model
+   takes are zero-padded at the end (Cellpose slices the patch-embed weights instead, which is
+   the same thing). A grayscale image is channel 0, as in ``CellposeModel.eval``.
+2. **Normalise** each channel, 1st percentile -> 0 and 99th -> 1
+   (``pipeline.io.normalize_percentile``, the equivalent of Cellpose's ``normalize99``).
+3. **Rescale** (optional) by ``30 / diameter`` to (int(H * r), int(W * r)), bilinearly
+   (Cellpose: ``cv2.resize(INTER_LINEAR)``; here ``torch.nn.functional.interpolate`` with
+   ``align_corners=False``, which samples the same points).
+4. **Pad** with zeros (:func:`pad_widths`): to a multiple of 16 plus 8 px each side, or to 256
+   for images under 240 px (Cellpose's ``get_pad_yx`` with ``min_size=(256, 256)``).
+5. **Tile** (:func:`tile_starts`): 256 x 256 tiles, 1 per axis up to 256 px, otherwise
+   ``ceil((1 + 2 * overlap) * L / 256)``, starts evenly spaced (``np.linspace``, truncated).
+   With test-time augmentation: ``max(2, ceil(2 L / 256))`` per axis (50% overlap); tile (j, i)
+   of the grid is flipped in y if j is even and i odd, in x if j is odd and i even, in both if
+   both are odd, and its output flipped back with the matching flow components negated
+   (:func:`tile_grid`).
+6. **Run** the tiles ``batch_size`` at a time, in the model's dtype (bf16 on a GPU by default,
+   see :func:`load_model`), outputs cast to float32.
+7. **Blend**: each tile is weighted by the separable sigmoid taper
+   ``1 / (1 + exp((|i - centre| - (256/2 - 20)) / 7.5))`` (:func:`taper_weights`, Cellpose's
+   ``_taper_mask``); the map is the weighted sum over the summed weights. The padding is cropped
+   and, after a rescale, the output resized back to (H, W) bilinearly.
+8. **Masks** from ``infer.dynamics.flows_to_masks`` with ``niter = int(200 / r)`` unless given
+   (Cellpose's rule: a shrunk image's flows are followed further at full size).
+
+Where this differs from Cellpose:
+
+* ``tile_overlap`` outside [0.05, 0.5] is an error (Cellpose clips it silently); a diameter of
+  0 is an error too (Cellpose reads it as "no rescale"; leave it None instead).
+* Padding, tiling and blending run in torch on the model's device, in float32; Cellpose cuts
+  tiles and blends on the CPU in NumPy with a float64 taper. With the same network, stitched
+  outputs agree with ``cellpose.core.run_net`` to 2e-7 (values of order 1), and to 5e-5 after
+  a diameter rescale, where cv2's resize and torch's round differently (see the tests).
+* Tiles of several images are not batched together; each image is run on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from infer.dynamics import flows_to_masks
+from pipeline.io import normalize_percentile
+from pipeline.model import DIAMETER_MEAN, ModelConfig, from_cellpose
+
+__all__ = [
+    "DIAMETER_MEAN",
+    "TILE_SIZE",
+    "Prediction",
+    "PredictConfig",
+    "load_model",
+    "pad_widths",
+    "predict",
+    "predict_tiles",
+    "taper_weights",
+    "tile_grid",
+    "tile_starts",
+]
+
+log = logging.getLogger(__name__)
+
+#: Side of the square tiles the network sees (fixed for CP-SAM).
+TILE_SIZE = 256
+#: Euler steps for the masks at scale 1 (Cellpose's default), divided by the rescale factor.
+NITER_AT_SCALE_1 = 200
+
+# Padding: to a multiple of 16, plus 16 px split over the two sides (Cellpose's get_pad_yx,
+# div=16, extra=1). The network does not need it (tiles are 256), but it moves the tile grid
+# and the zero border the same way as in Cellpose.
+_PAD_DIVISOR = 16
+_PAD_EXTRA = 16
+# Taper: the weight falls to 1/2 at 20 px from the tile's edge, with a logistic width of 7.5 px.
+_TAPER_EDGE = 20
+_TAPER_SIGMA = 7.5
+# tile_overlap is clipped to this range by Cellpose; here values outside it are refused.
+_OVERLAP_RANGE = (0.05, 0.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Options and results
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictConfig:
+    """Options of :func:`predict` (the defaults are Cellpose 4's)."""
+
+    diameter: float | None = None
+    """Typical cell diameter in pixels; the image is rescaled by 30 / diameter. None: no rescale."""
+    augment: bool = False
+    """Test-time augmentation: 50%-overlapping tiles, alternate tiles flipped, outputs averaged."""
+    tile_overlap: float = 0.1
+    """Fraction of a tile by which neighbouring tiles overlap, in [0.05, 0.5] (not with augment)."""
+    batch_size: int = 8
+    """Tiles run through the network at once."""
+    normalize: bool = True
+    """Scale each channel so its 1st percentile is 0 and its 99th is 1 before the network."""
+    compute_masks: bool = True
+    """Follow the flows to instance masks; False returns flows and cellprob only."""
+    niter: int | None = None
+    """Euler steps when following flows; None: 200, divided by the rescale factor 30 / diameter."""
+    cellprob_threshold: float = 0.0
+    """Pixels with a cell-probability logit above this are followed and can be in a mask."""
+    flow_threshold: float = 0.4
+    """Masks whose flows disagree with the prediction by more than this are dropped; 0 keeps all."""
+    min_size: int = 15
+    """Masks with fewer pixels are dropped; 0 keeps all."""
+    max_size_fraction: float = 0.4
+    """Masks larger than this fraction of the image are dropped."""
+
+    def __post_init__(self) -> None:
+        if self.diameter is not None and not (
+            _is_real(self.diameter) and math.isfinite(self.diameter) and self.diameter > 0
+        ):
+            raise ValueError(
+                f"diameter must be a cell diameter in pixels (> 0); got {self.diameter!r}. Leave "
+                "it unset (None) for no rescale."
+            )
+        low, high = _OVERLAP_RANGE
+        if not (_is_real(self.tile_overlap) and low <= self.tile_overlap <= high):
+            raise ValueError(
+                f"tile_overlap must be in [{low}, {high}] (Cellpose's range); "
+                f"got {self.tile_overlap!r}"
+            )
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1; got {self.batch_size!r}")
+        if self.niter is not None and (not _is_int(self.niter) or self.niter < 1):
+            raise ValueError(
+                f"niter must be an integer >= 1, or None for 200 / rescale; got {self.niter!r}"
+            )
+        for name in ("augment", "normalize", "compute_masks"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False; got {getattr(self, name)!r}")
+        # flows_to_masks checks the mask options again; checking here fails before any compute.
+        if not _is_int(self.min_size):
+            raise TypeError(f"min_size must be an integer; got {self.min_size!r}")
+        for name in ("cellprob_threshold", "flow_threshold", "max_size_fraction"):
+            if not (_is_real(getattr(self, name)) and math.isfinite(getattr(self, name))):
+                raise TypeError(f"{name} must be a finite number; got {getattr(self, name)!r}")
+        if self.flow_threshold < 0:
+            raise ValueError(
+                f"flow_threshold must be >= 0 (0 keeps all masks); got {self.flow_threshold}"
+            )
+        if self.max_size_fraction <= 0:
+            raise ValueError(f"max_size_fraction must be > 0; got {self.max_size_fraction}")
+
+    @property
+    def rescale(self) -> float:
+        """Factor applied to the image before the network: 30 / diameter (1 without diameter)."""
+        return 1.0 if self.diameter is None else DIAMETER_MEAN / float(self.diameter)
+
+    @property
+    def niter_masks(self) -> int:
+        """Euler steps used for the masks: ``niter``, or int(200 / rescale) as Cellpose."""
+        return self.niter if self.niter is not None else int(NITER_AT_SCALE_1 / self.rescale)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+class Prediction(NamedTuple):
+    """What :func:`predict` returns for one image of size (H, W)."""
+
+    masks: np.ndarray | None
+    """(H, W) uint16 (uint32 past 65,535 masks), 0 = background; None if compute_masks=False."""
+    flows: np.ndarray
+    """(2, H, W) float32 dP = (dy, dx), 5 x unit flows as the network outputs them."""
+    cellprob: np.ndarray
+    """(H, W) float32 cell-probability logits."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Geometry (pure functions, compared with Cellpose's in the tests)
+# ------------------------------------------------------------------------------------------------
+
+
+def pad_widths(length: int, tile_size: int = TILE_SIZE) -> tuple[int, int]:
+    """Zeros added before and after an axis of ``length`` pixels (Cellpose's ``get_pad_yx``).
+
+    An axis of at least ``tile_size`` is padded to the next multiple of 16, plus 8 on each
+    side; a shorter one to ``max(tile_size, length + 16)``. Odd remainders go after.
+
+    >>> pad_widths(100), pad_widths(250), pad_widths(300)
+    ((78, 78), (8, 8), (10, 10))
+    """
+    if length < 1:
+        raise ValueError(f"length must be >= 1; got {length}")
+    if length >= tile_size:
+        extra = _PAD_DIVISOR * math.ceil(length / _PAD_DIVISOR) - length
+    else:
+        extra = max(0, tile_size - length - _PAD_EXTRA)
+    before = _PAD_EXTRA // 2 + extra // 2
+    return before, _PAD_EXTRA // 2 + extra - extra // 2
+
+
+def tile_starts(
+    length: int, tile_size: int = TILE_SIZE, tile_overlap: float = 0.1, augment: bool = False
+) -> np.ndarray:
+    """Start of each tile along a padded axis of ``length >= tile_size`` pixels (int64).
+
+    ``ceil((1 + 2 * tile_overlap) * length / tile_size)`` tiles (1 if the axis fits one tile),
+    or ``max(2, ceil(2 * length / tile_size))`` with ``augment``, evenly spaced from 0 to
+    ``length - tile_size`` and truncated to integers, as Cellpose's ``make_tiles``.
+
+    >>> tile_starts(512).tolist(), tile_starts(256, augment=True).tolist()
+    ([0, 128, 256], [0, 0])
+    """
+    if length < tile_size:
+        raise ValueError(f"length must be >= tile_size ({tile_size}) after padding; got {length}")
+    if augment:
+        n_tiles = max(2, math.ceil(2.0 * length / tile_size))
+    elif length <= tile_size:
+        n_tiles = 1
+    else:
+        n_tiles = math.ceil((1.0 + 2 * tile_overlap) * length / tile_size)
+    return np.linspace(0, length - tile_size, n_tiles).astype(np.int64)
+
+
+def tile_grid(
+    padded_shape: tuple[int, int],
+    tile_size: int = TILE_SIZE,
+    tile_overlap: float = 0.1,
+    augment: bool = False,
+) -> list[tuple[int, int, bool, bool]]:
+    """Tiles of a padded (Hp, Wp) image as (y0, x0, flip_y, flip_x), row by row.
+
+    Without ``augment`` nothing is flipped. With it, tile (j, i) of the grid (j down, i across)
+    is flipped in y when j is even and i odd, in x when j is odd and i even, and in both when
+    both are odd (Cellpose's ``make_tiles`` / ``unaugment_tiles``).
+
+    >>> tile_grid((256, 300), augment=True)[:4]
+    [(0, 0, False, False), (0, 22, True, False), (0, 44, False, False), (0, 0, False, True)]
+    """
+    y_starts = tile_starts(padded_shape[0], tile_size, tile_overlap, augment)
+    x_starts = tile_starts(padded_shape[1], tile_size, tile_overlap, augment)
+    grid = []
+    for j, y0 in enumerate(y_starts):
+        for i, x0 in enumerate(x_starts):
+            # Cellpose's rule (y flipped on odd columns, x on odd rows) reduces to this.
+            grid.append((int(y0), int(x0), augment and i % 2 == 1, augment and j % 2 == 1))
+    return grid
+
+
+def taper_weights(tile_size: int = TILE_SIZE) -> np.ndarray:
+    """(tile_size, tile_size) float64 blending weight of a tile (Cellpose's ``_taper_mask``).
+
+    Separable: ``w(i) = 1 / (1 + exp((|i - (tile_size - 1) / 2| - (tile_size / 2 - 20)) / 7.5))``
+    per axis, so a tile's outer ~20 px fade out and overlapping tiles hand over smoothly.
+
+    >>> w = taper_weights()
+    >>> round(float(w[128, 128]), 4), round(float(w[0, 128]), 4)
+    (1.0, 0.0691)
+    """
+    distance = np.abs(np.arange(tile_size) - (tile_size - 1) / 2)
+    profile = 1.0 / (1.0 + np.exp((distance - (tile_size / 2 - _TAPER_EDGE)) / _TAPER_SIGMA))
+    return profile[:, np.newaxis] * profile[np.newaxis, :]
+
+
+# ------------------------------------------------------------------------------------------------
+# Running the network
+# ------------------------------------------------------------------------------------------------
+
+
+def predict(
+    model: torch.nn.Module, image: np.ndarray, cfg: PredictConfig = PredictConfig()
+) -> Prediction:
+    """Flows, cell probability and instance masks for one 2-D image of any size.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Maps (B, C, 256, 256) float tensors to (B, 3, 256, 256) = (dy, dx, cellprob logit), e.g.
+        ``pipeline.model.CPSAM`` from :func:`load_model`. Runs on the model's device in the
+        dtype of its parameters (float32 for a model without parameters); it is put in eval
+        mode for the call and restored after.
+    image : np.ndarray
+        (H, W) or (H, W, C), 1 <= C <= 3, bool, integer or float, e.g. from
+        ``pipeline.io.read_image``. Raw intensities when ``cfg.normalize`` (the default).
+    cfg : PredictConfig
+        Options; see :class:`PredictConfig`.
+
+    Returns
+    -------
+    Prediction
+        ``masks`` (H, W) uint16/uint32 or None, ``flows`` (2, H, W) float32, ``cellprob``
+        (H, W) float32.
+    """
+    image = _checked_image(image)
+    height, width, _ = image.shape
+    if cfg.normalize:
+        image = normalize_percentile(image)
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    n_bad = image.size - np.count_nonzero(np.isfinite(image))
+    if n_bad:
+        raise ValueError(
+            f"image has {n_bad} non-finite pixels (NaN or inf); replace them (e.g. np.nan_to_num) "
+            "before predicting"
+        )
+    device, _ = _device_and_dtype(model)
+    channels_first = torch.from_numpy(image).to(device).permute(2, 0, 1)
+    output = predict_tiles(model, channels_first, cfg)  # (3, H, W) float32
+    flows = output[:2].cpu().numpy()
+    cellprob = output[2].cpu().numpy()
+    masks = None
+    if cfg.compute_masks:
+        masks = flows_to_masks(
+            flows,
+            cellprob,
+            niter=cfg.niter_masks,
+            cellprob_threshold=cfg.cellprob_threshold,
+            flow_threshold=cfg.flow_threshold,
+            min_size=cfg.min_size,
+            max_size_fraction=cfg.max_size_fraction,
+        )
+    assert flows.shape == (2, height, width) and cellprob.shape == (height, width)
+    return Prediction(masks=masks, flows=flows, cellprob=cellprob)
+
+
+def predict_tiles(
+    model: torch.nn.Module, image: torch.Tensor, cfg: PredictConfig = PredictConfig()
+) -> torch.Tensor:
+    """Network output for a normalised (C, H, W) float tensor: steps 3-7 of the module notes.
+
+    ``image`` is used as is (no normalisation); channels are zero-padded to the model's input
+    channels. Returns (3, H, W) float32 (dy, dx, cellprob) on the model's device. Uses
+    ``cfg.diameter``, ``cfg.augment``, ``cfg.tile_overlap`` and ``cfg.batch_size``.
+    """
+    if image.ndim != 3 or not image.is_floating_point():
+        raise ValueError(
+            f"image must be a float (C, H, W) tensor; got {image.dtype} {tuple(image.shape)}"
+        )
+    device, _ = _device_and_dtype(model)
+    image = _pad_channels(image.to(device=device, dtype=torch.float32), _input_channels(model))
+    height, width = image.shape[-2:]
+    rescale = cfg.rescale
+    if rescale != 1.0:
+        # int(), not round(): Cellpose's resize_image sizes.
+        size = (int(height * rescale), int(width * rescale))
+        if min(size) < 1:
+            raise ValueError(
+                f"diameter {cfg.diameter} shrinks the {height}x{width} image to {size}; pass the "
+                "cell diameter in pixels of this image (or no diameter)"
+            )
+        image = _resize(image, size)
+    output = _run_padded(model, image, cfg)
+    if rescale != 1.0:
+        output = _resize(output, (height, width))
+    return output
+
+
+def _run_padded(model: torch.nn.Module, image: torch.Tensor, cfg: PredictConfig) -> torch.Tensor:
+    """Pad, tile, run, un-flip and blend; return (3, H, W) float32 for a (C, H, W) image."""
+    height, width = image.shape[-2:]
+    (top, bottom), (left, right) = pad_widths(height), pad_widths(width)
+    padded = F.pad(image, (left, right, top, bottom))
+    grid = tile_grid(tuple(padded.shape[-2:]), TILE_SIZE, cfg.tile_overlap, cfg.augment)
+    device, dtype = _device_and_dtype(model)
+    taper = torch.from_numpy(taper_weights(TILE_SIZE)).to(device=device, dtype=torch.float32)
+    summed = torch.zeros((3, *padded.shape[-2:]), dtype=torch.float32, device=device)
+    weights = torch.zeros(padded.shape[-2:], dtype=torch.float32, device=device)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for first in range(0, len(grid), cfg.batch_size):
+                batch = grid[first : first + cfg.batch_size]
+                tiles = torch.stack([
+                    _flip(padded[:, y0 : y0 + TILE_SIZE, x0 : x0 + TILE_SIZE], flip_y, flip_x)
+                    for y0, x0, flip_y, flip_x in batch
+                ])
+                outputs = _checked_output(model(tiles.to(dtype)), len(batch)).float()
+                for (y0, x0, flip_y, flip_x), tile_output in zip(batch, outputs):
+                    tile_output = _unflip_flows(tile_output, flip_y, flip_x)
+                    summed[:, y0 : y0 + TILE_SIZE, x0 : x0 + TILE_SIZE] += tile_output * taper
+                    weights[y0 : y0 + TILE_SIZE, x0 : x0 + TILE_SIZE] += taper
+    finally:
+        model.train(was_training)
+    # Every pixel is covered by at least one tile, and the taper is > 0 everywhere.
+    blended = summed / weights
+    return blended[:, top : top + height, left : left + width].contiguous()
+
+
+def _flip(tile: torch.Tensor, flip_y: bool, flip_x: bool) -> torch.Tensor:
+    dims = [d for d, flip in ((-2, flip_y), (-1, flip_x)) if flip]
+    return torch.flip(tile, dims) if dims else tile
+
+
+def _unflip_flows(output: torch.Tensor, flip_y: bool, flip_x: bool) -> torch.Tensor:
+    """Undo a tile's flips on its (3, T, T) output: flip back, negate the flipped flow axes."""
+    output = _flip(output, flip_y, flip_x)
+    if flip_y or flip_x:
+        sign = torch.tensor(
+            [-1.0 if flip_y else 1.0, -1.0 if flip_x else 1.0, 1.0], device=output.device
+        )
+        output = output * sign[:, None, None]
+    return output
+
+
+def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (C, H, W) to (C, *size): pixel centres aligned as cv2.INTER_LINEAR."""
+    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def _pad_channels(image: torch.Tensor, n_channels: int) -> torch.Tensor:
+    if image.shape[0] > n_channels:
+        raise ValueError(
+            f"the image has {image.shape[0]} channels but the model takes {n_channels}; pick "
+            f"{n_channels} channel(s) (e.g. read_image(..., channels=[...]))"
+        )
+    if image.shape[0] < n_channels:
+        image = F.pad(image, (0, 0, 0, 0, 0, n_channels - image.shape[0]))
+    return image
+
+
+def _input_channels(model: torch.nn.Module) -> int:
+    """Channels the model takes: its config's ``in_channels``, else 3 (CP-SAM's)."""
+    return int(getattr(getattr(model, "cfg", None), "in_channels", 3))
+
+
+def _device_and_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    parameter = next(model.parameters(), None)
+    if parameter is None:
+        return torch.device("cpu"), torch.float32
+    return parameter.device, parameter.dtype
+
+
+def _checked_output(output, n_tiles: int) -> torch.Tensor:
+    expected = (n_tiles, 3, TILE_SIZE, TILE_SIZE)
+    if not isinstance(output, torch.Tensor) or tuple(output.shape) != expected:
+        got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ValueError(
+            f"the model must return a tensor {expected} = (dy, dx, cellprob) per tile; got {got}"
+        )
+    return output
+
+
+def _checked_image(image) -> np.ndarray:
+    """(H, W) or (H, W, C <= 3) numeric array -> (H, W, C)."""
+    if not isinstance(image, np.ndarray):
+        raise TypeError(
+            f"image must be a numpy array (H, W) or (H, W, C); got {type(image).__name__}"
+        )
+    if image.dtype.kind not in "biuf":
+        raise TypeError(f"image must be bool, integer or float; got {image.dtype}")
+    if image.ndim == 2:
+        image = image[:, :, np.newaxis]
+    if image.ndim != 3 or not 1 <= image.shape[2] <= 3 or 0 in image.shape:
+        raise ValueError(
+            f"image must be (H, W) or (H, W, C) with 1 <= C <= 3, channels last; got shape "
+            f"{image.shape}. Read files with pipeline.io.read_image, which returns this layout."
+        )
+    return image
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading weights
+# ------------------------------------------------------------------------------------------------
+
+
+def load_model(
+    path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> torch.nn.Module:
+    """A CP-SAM model, in eval mode, from a weights file in Cellpose's cpsam layout.
+
+    Parameters
+    ----------
+    path : str or Path
+        Either the trainer's export (``model_cellpose.pt``) with its ``<stem>.json`` beside it
+        (``{"model": ModelConfig fields, "step": n}``; the model is built from that config, so
+        tiny and vit_b exports load), or an official Cellpose-SAM file (``cpsam``, no json: a
+        ViT-L).
+    device : str or torch.device, optional
+        Default: ``cuda`` when available, else ``cpu``.
+    dtype : torch.dtype, optional
+        Default: bfloat16 on a GPU (as Cellpose, about 20% faster), float32 on the CPU (where
+        bfloat16 matmuls are slow and gain nothing).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If ``path`` is a folder (e.g. a training checkpoint: export it first) or not a
+        Cellpose-layout state dict.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: checkpoint not found; pass the file the trainer exports "
+            "(<run_dir>/model_cellpose.pt) or an official cpsam file"
+        )
+    if path.is_dir():
+        raise ValueError(
+            f"{path}: is a folder (a training checkpoint?); inference loads the single weights "
+            "file the trainer exports (<run_dir>/model_cellpose.pt) or an official cpsam file"
+        )
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many types for a file that is not a checkpoint
+        raise ValueError(f"{path}: not a readable PyTorch weights file ({error})") from error
+    if not isinstance(state_dict, dict) or not all(
+        isinstance(value, torch.Tensor) for value in state_dict.values()
+    ):
+        raise ValueError(
+            f"{path}: expected a state dict (name -> tensor) in Cellpose's cpsam layout; got "
+            f"{type(state_dict).__name__}"
+        )
+    meta_path = path.with_suffix(".json")
+    cfg = _model_config(meta_path) if meta_path.is_file() else None
+    try:
+        model = from_cellpose(state_dict, cfg)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
+    if cfg is None:
+        log.info("loaded %s (%s, Cellpose layout, no %s)", path, model.cfg.encoder, meta_path.name)
+    else:
+        log.info("loaded %s (%s, config from %s)", path, cfg.encoder, meta_path.name)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _model_config(meta_path: Path) -> ModelConfig:
+    """The ModelConfig in a trainer export's json ({"model": {...}, "step": n})."""
+    try:
+        fields = json.loads(meta_path.read_text())["model"]
+        # The SAM weights were only the starting point of training; the export holds the result.
+        return dataclasses.replace(ModelConfig(**fields), sam_checkpoint=None)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{meta_path}: expected the trainer's json, "
+            f"{{\"model\": ModelConfig fields, \"step\": n}}; {type(error).__name__}: {error}"
+        ) from error

@@ -1,0 +1,827 @@
+"""The CP-SAM network: SAM's ViT image encoder at 8x8 patches with a pixel-shuffle readout.
+
+The encoder is segment-anything's own ``ImageEncoderViT``, built at SAM's native geometry
+(1024 input, 16x16 patches, 14x14 windows) so that every table has SAM's shape, then changed as
+Cellpose-SAM changes it (paper.md 2a):
+
+* 8x8 patches: the patch-embedding conv has kernel and stride 8; SAM's 16x16 kernel is adapted by
+  taking every second tap in each direction (no rescaling, bias kept);
+* 256x256 input, so 32x32 tokens; the absolute position embedding is SAM's 64x64 grid subsampled
+  with stride 2 to (1, 32, 32, embed_dim);
+* global attention in every block (``window_size = 0``). The relative-position tables keep their
+  SAM shapes: 27 x head_dim in the formerly windowed blocks, 127 x head_dim in SAM's global
+  blocks. SAM's ``get_rel_pos`` interpolates both linearly to 63 = 2 * 32 - 1 rows on every
+  forward, which is what the official checkpoints were trained with;
+* SAM's neck, unchanged: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d;
+* readout: a 1x1 conv to 3 * 8 * 8 channels (with bias) and a fixed pixel shuffle to
+  (dy, dx, cellprob logit) at 256x256. Cellpose stores the shuffle as a frozen identity tensor
+  ``W2`` used in a stride-8 ``conv_transpose2d``; that is exactly ``PixelShuffle(8)`` (readout
+  channel ``c * 64 + a * 8 + b`` lands in output channel ``c`` at pixel ``(8 i + a, 8 j + b)``),
+  so this module has no ``W2`` and :func:`to_cellpose` writes it.
+
+Stochastic depth ("layer drop", paper.md 1a): in training mode each sample skips block ``i``
+with probability ``layer_drop * i / (depth - 1)``; a skipped block is the identity, with no
+``1 / (1 - p)`` rescaling. Unlike Cellpose, which runs every block on every sample and masks,
+a block here runs only on the samples that keep it: the same output (up to float rounding)
+for less work.
+
+Variants (:data:`ENCODERS`): ``vit_l`` (the paper; 304,592,064 parameters, all trainable, plus
+the two diameter buffers), ``vit_b``, and ``tiny`` (width 64, 2 blocks, 2 heads, 64-channel
+neck; ~0.24M parameters) for CPU tests and the demo; its sizes are justified beside it.
+
+The module is single-device code. FSDP2, ``torch.compile`` and activation checkpointing are
+applied from outside; :func:`unwrap_state_dict` is the one place that removes the key prefixes
+those wrappers add.
+
+Weight files this module reads and writes:
+
+* SAM's released checkpoints (``sam_vit_l_0b3195.pth``, keys ``image_encoder.*``), read by
+  :func:`load_sam_encoder` / :func:`read_sam_encoder`;
+* Cellpose 4 ``cpsam`` checkpoints (paper.md 2b, 350 tensors for vit_l), read by
+  :func:`from_cellpose` and written by :func:`to_cellpose`; this is also the project's export
+  format, so an exported model loads into ``cellpose.vit.CPSAM`` with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling.common import LayerNorm2d
+from segment_anything.modeling.image_encoder import ImageEncoderViT
+from torch import Tensor, nn
+
+__all__ = [
+    "ENCODERS",
+    "EncoderSpec",
+    "ModelConfig",
+    "CPSAM",
+    "build_model",
+    "sample_layer_drop",
+    "read_sam_encoder",
+    "load_sam_encoder",
+    "unwrap_state_dict",
+    "from_cellpose",
+    "to_cellpose",
+    "flops_per_image",
+]
+
+# SAM's native geometry. The encoder is built at this geometry first so that the relative-position
+# tables get SAM's shapes (2 * 14 - 1 = 27 rows in windowed blocks, 2 * 64 - 1 = 127 in global
+# ones); only the patch embedding and the absolute position embedding are then replaced.
+SAM_IMAGE_SIZE = 1024
+SAM_PATCH_SIZE = 16
+SAM_WINDOW_SIZE = 14
+MLP_RATIO = 4
+LAYER_NORM_EPS = 1e-6
+NUM_OUTPUTS = 3  # dy, dx, cellprob logit
+DIAMETER_MEAN = 30.0  # Cellpose's training diameter; the value of diam_mean and diam_labels
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncoderSpec:
+    """Sizes of one encoder variant (everything else is SAM's)."""
+
+    embed_dim: int
+    """Token width."""
+    depth: int
+    """Number of transformer blocks."""
+    num_heads: int
+    """Attention heads per block; head_dim = embed_dim // num_heads."""
+    global_attn_indexes: tuple[int, ...]
+    """Blocks that were global in SAM (127-row relative-position tables); the others had 14x14
+    windows (27-row tables). All blocks attend globally here."""
+    neck_dim: int
+    """Channels of SAM's neck, hence the readout's input."""
+
+
+ENCODERS: dict[str, EncoderSpec] = {
+    # SAM ViT-L, the paper's encoder.
+    "vit_l": EncoderSpec(
+        embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23), neck_dim=256
+    ),
+    # SAM ViT-B.
+    "vit_b": EncoderSpec(
+        embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11), neck_dim=256
+    ),
+    # CPU tests and the demo. Same structure: multi-head global attention, both kinds of
+    # relative-position table (block 0 has SAM's windowed 27-row tables, block 1 the global
+    # 127-row ones), SAM's neck and the 8x8 pixel-shuffle readout. At 256x256 the cost is
+    # dominated by attention over the 32 * 32 = 1024 tokens, which the geometry fixes: every head
+    # of every block builds (batch, 1024, 1024) score, bias and softmax tensors, forward and
+    # backward, whatever the width. So the budget goes to blocks x heads = 2 x 2 (head_dim 32):
+    # forward + backward on a batch of 8 takes about 0.5 s on 2 CPU cores (0.46 s best of 6 when
+    # measured; a third block adds 0.2 s, one head instead of two saves 0.15 s). Width 64
+    # (MLP 256) and a 64-channel neck keep the matmuls small: SAM's 256-channel neck (its 3x3
+    # conv alone is 1.2 GFLOP per image) would add 0.17 s. The model can still learn: with
+    # 0.24M parameters it fits the flows and mask of a disc image in 40 AdamW steps
+    # (tests/pipeline/test_model.py::test_tiny_model_learns).
+    "tiny": EncoderSpec(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,), neck_dim=64),
+}
+
+# SAM's released variants, for naming the variant of a checkpoint file in error messages.
+_SAM_VARIANTS = {(1280, 32): "vit_h"} | {
+    (spec.embed_dim, spec.depth): name for name, spec in ENCODERS.items()
+}
+
+# Path components that wrappers insert into state_dict keys: DataParallel/DDP ("module."),
+# torch.compile ("_orig_mod."), FSDP1 ("_fsdp_wrapped_module.") and activation checkpointing
+# ("_checkpoint_wrapped_module."). FSDP2 (fully_shard) adds none.
+_WRAPPER_PARTS = frozenset(
+    {"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
+)
+
+_BLOCK_KEY = re.compile(r"^(?:encoder|image_encoder)\.blocks\.(\d+)\.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The network's shape and regularisation. Checked on construction."""
+
+    encoder: str = "vit_l"
+    """Encoder variant: "vit_l" (the paper), "vit_b", or "tiny" (same structure, for CPU tests
+    and the demo); sizes in :data:`ENCODERS`."""
+    patch_size: int = 8
+    """Token size in pixels; also the pixel-shuffle factor of the readout."""
+    image_size: int = 256
+    """Side of the square input tile; image_size // patch_size tokens per side."""
+    in_channels: int = 3
+    """Image channels the model is fed, 1..3. The patch embedding always takes 3 (SAM's and
+    Cellpose's layout), so inputs with fewer channels are zero-padded at the end."""
+    layer_drop: float = 0.4
+    """Per-sample probability of skipping the last block in training; it rises linearly from 0
+    at block 0. 0 disables layer drop."""
+    sam_checkpoint: str | None = None
+    """SAM's released checkpoint (sam_vit_l_0b3195.pth for vit_l) that :func:`build_model` loads
+    into the encoder; None starts from random weights."""
+
+    def __post_init__(self):
+        if self.encoder not in ENCODERS:
+            raise ValueError(
+                f"ModelConfig.encoder must be one of {sorted(ENCODERS)}; got {self.encoder!r}"
+            )
+        for name in ("patch_size", "image_size", "in_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive int; got {value!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"ModelConfig.image_size ({self.image_size}) must be a multiple of patch_size "
+                f"({self.patch_size})"
+            )
+        if self.in_channels > 3:
+            raise ValueError(
+                f"ModelConfig.in_channels must be 1, 2 or 3 (the patch embedding takes 3); "
+                f"got {self.in_channels}. Keep at most 3 channels of the image."
+            )
+        if isinstance(self.layer_drop, bool) or not isinstance(self.layer_drop, (int, float)):
+            raise ValueError(f"ModelConfig.layer_drop must be a float; got {self.layer_drop!r}")
+        if not 0.0 <= self.layer_drop <= 1.0:
+            raise ValueError(f"ModelConfig.layer_drop must be in [0, 1]; got {self.layer_drop}")
+        if self.sam_checkpoint is not None and not isinstance(self.sam_checkpoint, (str, Path)):
+            raise ValueError(
+                f"ModelConfig.sam_checkpoint must be a path or None; got {self.sam_checkpoint!r}"
+            )
+
+
+def sample_layer_drop(
+    batch_size: int, depth: int, layer_drop: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """Draw which samples skip which blocks.
+
+    Parameters
+    ----------
+    batch_size, depth : int
+        Samples in the batch and blocks in the encoder.
+    layer_drop : float
+        Drop probability of the last block; block ``i`` is dropped with probability
+        ``layer_drop * i / (depth - 1)`` (``torch.linspace(0, layer_drop, depth)``).
+    generator : torch.Generator, optional
+        A CPU generator; None draws from torch's default CPU generator (``torch.manual_seed``).
+
+    Returns
+    -------
+    drop : (batch_size, depth) bool Tensor on the CPU
+        True where the sample skips the block.
+
+    Notes
+    -----
+    The draw is ``torch.rand((batch_size, depth)) < torch.linspace(0, layer_drop, depth)``,
+    Cellpose's own, so with the same CPU RNG state the masks equal Cellpose's on CPU tensors.
+    It is made on the CPU so the host knows which samples run each block without waiting for
+    the device.
+
+    >>> drop = sample_layer_drop(4, 3, 0.5, torch.Generator().manual_seed(0))
+    >>> drop.shape, drop.dtype, bool(drop[:, 0].any())
+    (torch.Size([4, 3]), torch.bool, False)
+    """
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(
+            f"layer-drop masks are drawn on the CPU (so no device sync is needed to know which "
+            f"samples run each block); got a generator on {generator.device}. Pass a CPU "
+            f"torch.Generator."
+        )
+    drop_probability = torch.linspace(0.0, layer_drop, depth)
+    return torch.rand((batch_size, depth), generator=generator) < drop_probability
+
+
+class CPSAM(nn.Module):
+    """Cellpose-SAM: SAM's ViT encoder at 8x8 patches, SAM's neck, a pixel-shuffle readout.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        Variant, geometry and layer drop. ``cfg.sam_checkpoint`` is not read here; see
+        :func:`build_model`.
+
+    Attributes
+    ----------
+    encoder : segment_anything ImageEncoderViT
+        With ``.patch_embed`` (8x8 conv, 3 input channels), ``.pos_embed`` (1, 32, 32, D),
+        ``.blocks`` (nn.ModuleList, all global attention) and ``.neck``.
+    out : nn.Conv2d
+        The 1x1 readout, neck_dim -> 3 * patch_size**2 (256 -> 192 for vit_l).
+    diam_labels, diam_mean : (1,) float32 buffers
+        Cellpose's two diameter scalars (both 30 unless a loaded checkpoint says otherwise).
+        Buffers, not parameters: the optimizer never sees them, and they travel in the state
+        dict so a Cellpose checkpoint round-trips.
+
+    Notes
+    -----
+    Weights are initialised by :meth:`init_weights` (ViTDet's scheme; see there). On the meta
+    device nothing is allocated; call ``to_empty`` and then :meth:`init_weights`.
+
+    >>> model = CPSAM(ModelConfig(encoder="tiny", in_channels=1)).eval()
+    >>> model(torch.zeros(2, 1, 256, 256)).shape
+    torch.Size([2, 3, 256, 256])
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"CPSAM takes a ModelConfig; got {type(cfg).__name__}")
+        self.cfg = cfg
+        spec = ENCODERS[cfg.encoder]
+        self.spec = spec
+
+        # Registered before the submodules so the state_dict starts with them, as Cellpose's does.
+        self.register_buffer("diam_labels", torch.full((1,), DIAMETER_MEAN))
+        self.register_buffer("diam_mean", torch.full((1,), DIAMETER_MEAN))
+
+        self.encoder = ImageEncoderViT(
+            img_size=SAM_IMAGE_SIZE,
+            patch_size=SAM_PATCH_SIZE,
+            in_chans=3,
+            embed_dim=spec.embed_dim,
+            depth=spec.depth,
+            num_heads=spec.num_heads,
+            mlp_ratio=MLP_RATIO,
+            out_chans=spec.neck_dim,
+            qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=LAYER_NORM_EPS),
+            act_layer=nn.GELU,
+            use_abs_pos=True,
+            use_rel_pos=True,
+            rel_pos_zero_init=True,
+            window_size=SAM_WINDOW_SIZE,
+            global_attn_indexes=spec.global_attn_indexes,
+        )
+        # Replacing the conv and the parameter in place keeps their slots, so the key order
+        # stays SAM's (and Cellpose's): encoder.pos_embed, encoder.patch_embed.proj.*, blocks...
+        tokens_per_side = cfg.image_size // cfg.patch_size
+        self.encoder.patch_embed.proj = nn.Conv2d(
+            3, spec.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size
+        )
+        self.encoder.pos_embed = nn.Parameter(
+            torch.zeros(1, tokens_per_side, tokens_per_side, spec.embed_dim)
+        )
+        self.encoder.img_size = cfg.image_size
+        # window_size only steers the forward (partition or not); the tables keep SAM's shapes
+        # and get_rel_pos interpolates them to 2 * tokens_per_side - 1 rows on each call.
+        for block in self.encoder.blocks:
+            block.window_size = 0
+
+        self.out = nn.Conv2d(spec.neck_dim, NUM_OUTPUTS * cfg.patch_size**2, kernel_size=1)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """(Re)initialise every parameter and buffer in place, for training from scratch.
+
+        ViTDet's scheme, of which SAM's encoder is a copy: Linear weights truncated normal with
+        std 0.02 and zero bias; LayerNorms 1 and 0; the absolute position embedding truncated
+        normal with std 0.02; the relative-position tables zero (SAM's ``rel_pos_zero_init``).
+        Convolutions (patch embedding, neck, readout) keep PyTorch's default (Kaiming uniform
+        with a = sqrt(5), bias uniform in +-1/sqrt(fan_in)). ``diam_labels`` and ``diam_mean``
+        are set to 30.
+
+        Parameters
+        ----------
+        generator : torch.Generator, optional
+            On the parameters' device; None uses torch's default generator (works for sharded
+            DTensor parameters too, which draw from their own seeded RNG).
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02, generator=generator)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Conv2d):
+                # nn.Conv2d.reset_parameters, with a generator.
+                nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+                if module.bias is not None:
+                    fan_in = module.weight[0].numel()
+                    bound = 1 / math.sqrt(fan_in)
+                    nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+            elif isinstance(module, (nn.LayerNorm, LayerNorm2d)):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.trunc_normal_(self.encoder.pos_embed, std=0.02, generator=generator)
+        for block in self.encoder.blocks:
+            nn.init.zeros_(block.attn.rel_pos_h)
+            nn.init.zeros_(block.attn.rel_pos_w)
+        self.diam_labels.fill_(DIAMETER_MEAN)
+        self.diam_mean.fill_(DIAMETER_MEAN)
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Flows and cell probability for a batch of tiles.
+
+        Parameters
+        ----------
+        x : (B, in_channels, image_size, image_size) float Tensor
+            Normalised images (Cellpose: 1st-99th percentile to 0-1 per channel).
+        generator : torch.Generator, optional
+            CPU generator for the layer-drop masks (training mode only; ignored in eval).
+            None draws from torch's default CPU generator. See :func:`sample_layer_drop`.
+
+        Returns
+        -------
+        (B, 3, image_size, image_size) Tensor, in the parameters' dtype
+            Channel 0 dy, 1 dx (flows, trained against 5 x unit flows), 2 the cellprob logit.
+        """
+        batch, channels, height, width = self._check_input(x)
+        if channels < 3:
+            # Same as Cellpose's slicing of the patch-embedding weights to the first C channels.
+            x = F.pad(x, (0, 0, 0, 0, 0, 3 - channels))
+        # Through the module, so the patch embedding trains. (Cellpose 4.2.1.1's forward reads
+        # its weights via .data, which cuts them out of autograd; the paper-era vit_sam code
+        # called patch_embed as here.)
+        tokens = self.encoder.patch_embed(x) + self.encoder.pos_embed  # (B, h, w, D)
+        tokens = self._run_blocks(tokens, generator)
+        features = self.encoder.neck(tokens.permute(0, 3, 1, 2))  # (B, neck_dim, h, w)
+        # (B, 3 * p * p, h, w) -> (B, 3, h * p, w * p): channel c * p * p + a * p + b goes to
+        # channel c, pixel (p * i + a, p * j + b), which is Cellpose's conv_transpose2d with W2.
+        return F.pixel_shuffle(self.out(features), self.cfg.patch_size)
+
+    def _check_input(self, x: Tensor) -> tuple[int, int, int, int]:
+        side = self.cfg.image_size
+        if not isinstance(x, Tensor) or x.ndim != 4 or not x.is_floating_point():
+            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(
+                f"CPSAM takes a float (B, C, {side}, {side}) tensor; got {got}. Convert images "
+                f"to float and normalise them first."
+            )
+        batch, channels, height, width = x.shape
+        if channels != self.cfg.in_channels or (height, width) != (side, side):
+            raise ValueError(
+                f"CPSAM with in_channels={self.cfg.in_channels}, image_size={side} takes "
+                f"(B, {self.cfg.in_channels}, {side}, {side}) input; got {tuple(x.shape)}. Tile "
+                f"or crop to {side}x{side} and pad channels, or set ModelConfig.in_channels."
+            )
+        return batch, channels, height, width
+
+    def _run_blocks(self, tokens: Tensor, generator: torch.Generator | None) -> Tensor:
+        """The transformer blocks, with per-sample layer drop in training mode."""
+        blocks = self.encoder.blocks
+        if not (self.training and self.cfg.layer_drop > 0):
+            for block in blocks:
+                tokens = block(tokens)
+            return tokens
+
+        batch = tokens.shape[0]
+        drop = sample_layer_drop(batch, len(blocks), self.cfg.layer_drop, generator)
+        kept = [torch.nonzero(~drop[:, i]).flatten() for i in range(len(blocks))]
+        counts = [len(k) for k in kept]
+        # One host-to-device copy per forward for all blocks' indices. The counts stay on the
+        # host, so slicing and the branches below never wait for the device; pinned memory makes
+        # the copy truly asynchronous (from pageable memory it would wait for the stream).
+        kept_index = torch.cat(kept)
+        if tokens.is_cuda:
+            kept_index = kept_index.pin_memory()
+        kept_index = kept_index.to(tokens.device, non_blocking=True)
+
+        start = 0
+        for block, count in zip(blocks, counts):
+            index = kept_index[start : start + count]
+            start += count
+            # Every block is called on every rank, even when no sample keeps it, so FSDP's
+            # per-block all-gather / reduce-scatter hooks run in the same order everywhere.
+            if count == batch:
+                tokens = block(tokens)
+            elif count > 0:
+                tokens = tokens.index_copy(0, index, block(tokens.index_select(0, index)))
+            else:
+                # SAM's attention cannot reshape an empty batch (it infers a dimension with -1),
+                # so run one sample and keep none of it. The empty slice adds exactly 0 (even if
+                # the output were not finite) yet keeps the block in the autograd graph, so its
+                # backward, and FSDP's post-backward reduce-scatter, still run.
+                tokens = tokens + block(tokens[:1])[:0].sum()
+        return tokens
+
+
+def build_model(cfg: ModelConfig) -> CPSAM:
+    """Build the model for ``cfg`` and load SAM's weights into it if ``cfg.sam_checkpoint`` is set.
+
+    Under ``torch.device("meta")`` nothing is loaded (there is no storage to load into): after
+    ``to_empty``, call ``model.init_weights()`` and then :func:`load_sam_encoder` (unsharded) or
+    feed :func:`read_sam_encoder`'s dict to ``set_model_state_dict`` (sharded).
+    """
+    model = CPSAM(cfg)
+    if cfg.sam_checkpoint is not None and model.out.weight.device.type != "meta":
+        load_sam_encoder(model, cfg.sam_checkpoint)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# State dicts: wrapper prefixes, SAM checkpoints, Cellpose checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+def unwrap_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Remove the key components that DDP, torch.compile, FSDP1 and checkpoint wrappers insert.
+
+    The one place in the project that knows these prefixes: ``module.``, ``_orig_mod.``,
+    ``_fsdp_wrapped_module.`` and ``_checkpoint_wrapped_module.``, wherever they occur in a key.
+
+    >>> unwrap_state_dict({"module._orig_mod.out.bias": 0, "a._checkpoint_wrapped_module.b": 1})
+    {'out.bias': 0, 'a.b': 1}
+    """
+    unwrapped: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise ValueError(f"state_dict keys must be str; got {key!r}. Is this a state dict?")
+        clean = ".".join(part for part in key.split(".") if part not in _WRAPPER_PARTS)
+        if clean in unwrapped:
+            raise ValueError(
+                f"state_dict has two tensors for {clean!r} once wrapper prefixes are removed "
+                f"(one is {key!r}); save the unwrapped model's state_dict."
+            )
+        unwrapped[clean] = value
+    return unwrapped
+
+
+def _full_tensor(value: Tensor) -> Tensor:
+    # A sharded DTensor (FSDP2) becomes the whole tensor; this is a collective, so every rank
+    # must make the same call.
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
+    return value.detach()
+
+
+def _variant_name(embed_dim: int, depth: int) -> str:
+    name = _SAM_VARIANTS.get((embed_dim, depth), "an unknown variant")
+    return f"{name} (embed_dim {embed_dim}, depth {depth})"
+
+
+def _encoder_depth(keys) -> int:
+    indexes = [int(m.group(1)) for k in keys if (m := _BLOCK_KEY.match(k))]
+    return max(indexes) + 1 if indexes else 0
+
+
+def _check_keys_and_shapes(
+    found: Mapping[str, Tensor], expected: Mapping[str, Tensor], what: str
+) -> None:
+    """Raise a ValueError listing missing, unexpected and mis-shaped keys."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    misshaped = [
+        f"{k} {tuple(found[k].shape)} (expected {tuple(expected[k].shape)})"
+        for k in expected
+        if k in found and tuple(found[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or misshaped:
+        parts = []
+        for label, items in (
+            ("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)
+        ):
+            if items:
+                more = f", ... ({len(items)} in all)" if len(items) > 5 else ""
+                parts.append(f"{label}: " + ", ".join(items[:5]) + more)
+        raise ValueError(f"{what} does not match the model; " + "; ".join(parts))
+
+
+def read_sam_encoder(path: str | Path, cfg: ModelConfig) -> dict[str, Tensor]:
+    """Read SAM's released checkpoint and adapt its image encoder to ``cfg``'s geometry.
+
+    Parameters
+    ----------
+    path : str or Path
+        SAM's checkpoint (``sam_vit_l_0b3195.pth`` for vit_l, ``sam_vit_b_01ec64.pth`` for vit_b):
+        a flat dict with ``image_encoder.*`` keys; other keys (prompt encoder, mask decoder) are
+        ignored.
+    cfg : ModelConfig
+        The model to adapt to; its encoder variant must be the file's.
+
+    Returns
+    -------
+    dict of str to Tensor
+        ``encoder.*`` keys in :class:`CPSAM`'s layout, float32 on the CPU: the patch-embedding
+        kernel subsampled to ``cfg.patch_size`` (every ``16 // patch_size``-th tap, no rescaling,
+        bias kept), the position embedding subsampled to ``image_size // patch_size`` tokens per
+        side (SAM's 64x64 grid with stride 2 for the paper's 256 / 8), everything else as is.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` is not a file.
+    ValueError
+        If the file is not a SAM checkpoint, is another variant than ``cfg.encoder``, or its
+        geometry cannot be subsampled to ``cfg``'s.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"SAM checkpoint not found: {path}. Download SAM's released weights (vit_l: "
+            f"https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth) or set "
+            f"ModelConfig.sam_checkpoint to None to start from random weights."
+        )
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable torch checkpoint: {error}") from error
+    if not isinstance(raw, Mapping):
+        raise ValueError(
+            f"{path} is not a SAM checkpoint: it holds a {type(raw).__name__}, not a state dict"
+        )
+    prefix = "image_encoder."
+    sam = {
+        k[len(prefix) :]: v for k, v in raw.items() if isinstance(k, str) and k.startswith(prefix)
+    }
+    if not sam or "patch_embed.proj.weight" not in sam:
+        hint = ""
+        if "W2" in unwrap_state_dict({k: v for k, v in raw.items() if isinstance(k, str)}):
+            hint = " It looks like a Cellpose checkpoint (it has W2); load it with from_cellpose."
+        some = ", ".join(list(map(str, raw))[:4])
+        raise ValueError(
+            f"{path} is not a SAM checkpoint: it has no image_encoder.patch_embed.proj.weight "
+            f"(its first keys: {some or 'none'}).{hint}"
+        )
+
+    spec = ENCODERS[cfg.encoder]
+    patch_weight, pos_embed = sam["patch_embed.proj.weight"], sam.get("pos_embed")
+    file_dims = (patch_weight.shape[0], _encoder_depth(prefix + k for k in sam))
+    if file_dims != (spec.embed_dim, spec.depth):
+        raise ValueError(
+            f"{path} holds SAM {_variant_name(*file_dims)} weights, but the model is "
+            f"{cfg.encoder} (embed_dim {spec.embed_dim}, depth {spec.depth}). Use the "
+            f"{cfg.encoder} checkpoint or set ModelConfig.encoder to the file's variant."
+        )
+
+    # Patch embedding: (D, 3, 16, 16) -> (D, 3, p, p) by taking every (16 // p)-th tap.
+    kernel = patch_weight.shape[-1]
+    if patch_weight.ndim != 4 or kernel % cfg.patch_size:
+        raise ValueError(
+            f"{path}: the patch-embedding kernel {tuple(patch_weight.shape)} cannot be subsampled "
+            f"to patch_size {cfg.patch_size} (the kernel side must be a multiple of it)"
+        )
+    tap_step = kernel // cfg.patch_size
+    sam["patch_embed.proj.weight"] = patch_weight[:, :, ::tap_step, ::tap_step]
+    # Absolute position embedding: (1, 64, 64, D) -> (1, t, t, D) with stride 64 // t.
+    tokens_per_side = cfg.image_size // cfg.patch_size
+    if pos_embed is None or pos_embed.ndim != 4 or pos_embed.shape[1] % tokens_per_side:
+        shape = None if pos_embed is None else tuple(pos_embed.shape)
+        raise ValueError(
+            f"{path}: the position embedding {shape} cannot be subsampled to {tokens_per_side} "
+            f"tokens per side (image_size {cfg.image_size} / patch_size {cfg.patch_size})"
+        )
+    grid_step = pos_embed.shape[1] // tokens_per_side
+    sam["pos_embed"] = pos_embed[:, ::grid_step, ::grid_step]
+
+    adapted = {"encoder." + k: v.float().contiguous() for k, v in sam.items()}
+    with torch.device("meta"):
+        expected = {k: v for k, v in CPSAM(cfg).state_dict().items() if k.startswith("encoder.")}
+    _check_keys_and_shapes(adapted, expected, f"SAM checkpoint {path}")
+    return {k: adapted[k] for k in expected}  # in the model's key order
+
+
+def load_sam_encoder(model: CPSAM, path: str | Path) -> None:
+    """Load SAM's released checkpoint into ``model.encoder``, adapted as the paper does.
+
+    See :func:`read_sam_encoder` for the adaptation and the errors. The readout and the
+    diameter buffers are left as they are. ``model`` must be unsharded; for an FSDP2 model,
+    pass :func:`read_sam_encoder`'s dict to
+    ``torch.distributed.checkpoint.state_dict.set_model_state_dict`` with ``full_state_dict``.
+    """
+    encoder_state = read_sam_encoder(path, model.cfg)
+    with torch.no_grad():
+        result = model.load_state_dict(encoder_state, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    assert all(not k.startswith("encoder.") for k in result.missing_keys), result.missing_keys
+
+
+def _cellpose_config(state: Mapping[str, Tensor]) -> tuple[str, int, int]:
+    """(encoder variant, patch_size, image_size) from a Cellpose-layout state dict's shapes."""
+    try:
+        patch_weight = state["encoder.patch_embed.proj.weight"]
+        pos_embed = state["encoder.pos_embed"]
+        rel_pos_h = state["encoder.blocks.0.attn.rel_pos_h"]
+        neck = state["encoder.neck.0.weight"]
+        out = state["out.weight"]
+    except KeyError as error:
+        raise ValueError(
+            f"not a CP-SAM state dict: key {error} is missing (expected Cellpose 4's cpsam layout)"
+        ) from None
+    embed_dim, _, patch_size, _ = patch_weight.shape
+    depth = _encoder_depth(state)
+    head_dim = rel_pos_h.shape[1]
+    windowed_rows = 2 * SAM_WINDOW_SIZE - 1
+    found = EncoderSpec(
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=embed_dim // head_dim,
+        global_attn_indexes=tuple(
+            i for i in range(depth)
+            if f"encoder.blocks.{i}.attn.rel_pos_h" in state
+            and state[f"encoder.blocks.{i}.attn.rel_pos_h"].shape[0] != windowed_rows
+        ),
+        neck_dim=neck.shape[0],
+    )
+    names = [name for name, spec in ENCODERS.items() if spec == found]
+    if not names:
+        raise ValueError(
+            f"the checkpoint's encoder matches no known variant: {found}; known: {ENCODERS}"
+        )
+    if out.shape[0] != NUM_OUTPUTS * patch_size**2:
+        raise ValueError(
+            f"the checkpoint's readout has {out.shape[0]} channels; a CP-SAM with patch size "
+            f"{patch_size} has {NUM_OUTPUTS * patch_size**2} (dy, dx, cellprob). Models with "
+            f"extra (semantic) outputs are not supported."
+        )
+    return names[0], patch_size, pos_embed.shape[1] * patch_size
+
+
+def _pixel_shuffle_weight(patch_size: int) -> Tensor:
+    """Cellpose's W2: (3 p p, 3, p, p) identity; conv_transpose2d with it is pixel_shuffle(p)."""
+    channels = NUM_OUTPUTS * patch_size**2
+    return torch.eye(channels).reshape(channels, NUM_OUTPUTS, patch_size, patch_size)
+
+
+def from_cellpose(state_dict: Mapping[str, Tensor], cfg: ModelConfig | None = None) -> CPSAM:
+    """Build a :class:`CPSAM` from a Cellpose 4 ``cpsam`` checkpoint (or one of our exports).
+
+    Parameters
+    ----------
+    state_dict : mapping of str to Tensor
+        The loaded file (``torch.load(path, weights_only=True)``), in the layout of paper.md 2b:
+        ``diam_labels``, ``diam_mean``, ``W2``, ``encoder.*``, ``out.*``. Wrapper prefixes
+        (``module.`` and the others :func:`unwrap_state_dict` knows) are removed first.
+    cfg : ModelConfig, optional
+        The config to build. Its encoder, patch_size and image_size must match the checkpoint's
+        shapes; its other fields (layer_drop, in_channels) are used as they are. None infers
+        the shape from the checkpoint and takes the defaults for the rest.
+
+    Returns
+    -------
+    CPSAM
+        In eval mode (a finished model; call ``.train()`` to fine-tune), float32, on the
+        checkpoint's device. Its tensors are the checkpoint's own (no copy) when those are
+        float32: modifying one modifies the other.
+
+    Raises
+    ------
+    ValueError
+        If there is no ``W2`` (not a Cellpose 4 model, e.g. Cellpose 3), it is a CP-DINO model,
+        ``W2`` is not the pixel-shuffle identity, or any key or shape differs from a CP-SAM's.
+    """
+    state = unwrap_state_dict(state_dict)
+    if "W2" not in state:
+        raise ValueError(
+            "this checkpoint has no W2 tensor, so it is not a Cellpose 4 (CP-SAM) model; "
+            "Cellpose 3 (CPnet) models cannot be loaded. Pass a cpsam checkpoint."
+        )
+    if "encoder.cls_token" in state:
+        raise ValueError(
+            "this is a CP-DINO checkpoint (it has encoder.cls_token); only CP-SAM is supported"
+        )
+    encoder, patch_size, image_size = _cellpose_config(state)
+    if cfg is None:
+        cfg = ModelConfig(encoder=encoder, patch_size=patch_size, image_size=image_size)
+    elif (cfg.encoder, cfg.patch_size, cfg.image_size) != (encoder, patch_size, image_size):
+        raise ValueError(
+            f"the checkpoint is encoder={encoder!r}, patch_size={patch_size}, image_size="
+            f"{image_size}; the config asks for encoder={cfg.encoder!r}, patch_size="
+            f"{cfg.patch_size}, image_size={cfg.image_size}. Change the config to match."
+        )
+    shuffle, identity = state.pop("W2"), _pixel_shuffle_weight(patch_size)
+    # (A meta state dict has shapes only; its values cannot be checked.)
+    if shuffle.shape != identity.shape or (
+        not shuffle.is_meta and not torch.equal(_full_tensor(shuffle).float().cpu(), identity)
+    ):
+        raise ValueError(
+            f"W2 {tuple(shuffle.shape)} is not the identity that makes conv_transpose2d a "
+            f"pixel shuffle; this model's readout cannot be reproduced here"
+        )
+    with torch.device("meta"):
+        model = CPSAM(cfg)
+    _check_keys_and_shapes(state, model.state_dict(), "the Cellpose checkpoint")
+    # assign=True puts the checkpoint's tensors in place of the meta ones: no second copy of a
+    # 1.2 GB model, and no random init that would be overwritten.
+    model.load_state_dict(
+        {k: _full_tensor(v).float() for k, v in state.items()}, strict=True, assign=True
+    )
+    return model.eval()
+
+
+def to_cellpose(model: CPSAM | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Our weights in Cellpose 4's ``cpsam`` layout (paper.md 2b), ready for ``torch.save``.
+
+    Parameters
+    ----------
+    model : CPSAM (possibly wrapped by DDP, torch.compile, FSDP or checkpoint wrappers) or its
+        state dict (e.g. from ``get_model_state_dict(..., full_state_dict=True)``)
+        Sharded DTensors are gathered with ``full_tensor()``, a collective that every rank must
+        enter.
+
+    Returns
+    -------
+    dict of str to Tensor
+        float32 CPU tensors in Cellpose's order: ``diam_labels``, ``diam_mean``, ``W2`` (the
+        pixel-shuffle identity, (3 p p, 3, p, p)), ``encoder.*``, ``out.*``. 350 tensors for
+        vit_l. Loads into ``cellpose.vit.CPSAM`` with ``strict=True``. Tensors may share storage
+        with the model.
+    """
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    state = unwrap_state_dict(state)
+    encoder, patch_size, image_size = _cellpose_config(state)
+    with torch.device("meta"):
+        expected = CPSAM(ModelConfig(encoder=encoder, patch_size=patch_size, image_size=image_size))
+    _check_keys_and_shapes(state, expected.state_dict(), "the state dict")
+    # A meta model exports meta tensors: keys and shapes without storage, for checks.
+    device = "meta" if state["out.weight"].is_meta else "cpu"
+    cellpose = {}
+    for key in expected.state_dict():
+        cellpose[key] = _full_tensor(state[key]).to(device=device, dtype=torch.float32)
+        if key == "diam_mean":
+            cellpose["W2"] = _pixel_shuffle_weight(patch_size).to(device)
+    return cellpose
+
+
+# ------------------------------------------------------------------------------------------------
+# Cost
+# ------------------------------------------------------------------------------------------------
+
+
+def flops_per_image(cfg: ModelConfig, *, skip_dropped: bool = False) -> float:
+    """Forward FLOPs for one image at ``cfg.image_size`` (a multiply-add counts 2).
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        Variant and geometry.
+    skip_dropped : bool
+        False (default): every block runs, as in eval and as model FLOPs for MFU are usually
+        counted. True: block ``i`` counts with its keep probability ``1 - p_i``, i.e. the
+        expected FLOPs of a training forward, which skips dropped samples
+        (``depth * (1 - layer_drop / 2)`` blocks on average: 19.2 of 24 for the paper).
+
+    Returns
+    -------
+    float
+        Matmul and convolution FLOPs, with N tokens, width D, s = sqrt(N) tokens per side:
+        patch embedding ``2 N D 3 p^2``; per block qkv ``6 N D^2``, scores and weighted values
+        ``4 N^2 D``, decomposed relative-position terms ``4 N s D``, output projection
+        ``2 N D^2``, MLP ``16 N D^2``; neck ``2 N D C + 18 N C^2`` (C = neck channels); readout
+        ``2 N C 3 p^2``. Element-wise work (softmax, norms, GELU, the table interpolation, the
+        pixel shuffle) is not counted, as in ``torch.utils.flop_counter``. Training costs about
+        3x the forward.
+
+    >>> round(flops_per_image(ModelConfig()) / 1e9, 1)  # vit_l at 256x256
+    727.0
+    """
+    spec = ENCODERS[cfg.encoder]
+    width, neck, patch = spec.embed_dim, spec.neck_dim, cfg.patch_size
+    side = cfg.image_size // patch
+    tokens = side * side
+    per_block = (
+        2 * tokens * width * 3 * width  # qkv
+        + 2 * 2 * tokens * tokens * width  # q k^T and attention @ v, all heads
+        + 2 * 2 * tokens * side * width  # q . R_h and q . R_w (decomposed relative positions)
+        + 2 * tokens * width * width  # output projection
+        + 2 * 2 * tokens * width * MLP_RATIO * width  # MLP up and down
+    )
+    if skip_dropped and cfg.layer_drop > 0:
+        drop_probability = torch.linspace(0.0, cfg.layer_drop, spec.depth, dtype=torch.float64)
+        blocks = float((1 - drop_probability).sum())
+    else:
+        blocks = spec.depth
+    patch_embed = 2 * tokens * width * 3 * patch**2
+    neck_flops = 2 * tokens * width * neck + 2 * tokens * neck * neck * 9
+    readout = 2 * tokens * neck * NUM_OUTPUTS * patch**2
+    return float(patch_embed + blocks * per_block + neck_flops + readout)

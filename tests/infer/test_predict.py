@@ -1,0 +1,516 @@
+"""Tests for infer.predict: Cellpose's tiling geometry, blending, test-time augmentation,
+channels, diameter rescale, loading weights, and a random tiny CP-SAM end to end.
+
+Most tests use stand-in networks whose output is a known function of their input, so the
+stitched output is known exactly whatever the tiling:
+
+* ``PositionNet`` reads each pixel's global (y, x) from the image (channels 0 and 1 hold
+  y + 1 and x + 1; the zero padding is recognisably "outside"), works out from the ramps
+  whether its tile arrived flipped, and returns flows that are correct in the tile's own frame
+  (negated along a flipped axis). A correct un-flip and blend reproduce ``expected_output``.
+* ``PixelNet`` is a per-pixel function of the channels (for channel handling).
+* ``ConstantNet`` returns constants (blending, rescale).
+"""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from infer import predict as predict_module
+from pipeline import model as model_module
+from infer.predict import (
+    DIAMETER_MEAN,
+    TILE_SIZE,
+    PredictConfig,
+    load_model,
+    pad_widths,
+    predict,
+    predict_tiles,
+    taper_weights,
+    tile_grid,
+    tile_starts,
+)
+
+# ------------------------------------------------------------------------------------------------
+# Stand-in networks
+# ------------------------------------------------------------------------------------------------
+
+
+def flow_y(y, x):
+    return np.sin(y / 7.0) + x / 100.0
+
+
+def flow_x(y, x):
+    return np.cos(x / 5.0) - y / 50.0
+
+
+def cell_logit(y, x):
+    return np.sin((y + 2 * x) / 11.0) * 3.0
+
+
+class PositionNet(torch.nn.Module):
+    """Flows of a known field, given in the tile's (possibly flipped) frame; see the module doc."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))  # gives the model a device and dtype
+        self.tiles_seen = 0
+
+    def forward(self, tiles):
+        self.tiles_seen += tiles.shape[0]
+        y = tiles[:, 0].double() - 1  # global row of each pixel (-1 in the padding)
+        x = tiles[:, 1].double() - 1
+        inside = (tiles[:, 0] > 0) & (tiles[:, 1] > 0)
+        # +1 where the global row grows downwards in the tile (not flipped), -1 where it shrinks.
+        pairs_y = inside[:, 1:, :] & inside[:, :-1, :]
+        pairs_x = inside[:, :, 1:] & inside[:, :, :-1]
+        sign_y = torch.sign(((y[:, 1:, :] - y[:, :-1, :]) * pairs_y).sum((1, 2)))[:, None, None]
+        sign_x = torch.sign(((x[:, :, 1:] - x[:, :, :-1]) * pairs_x).sum((1, 2)))[:, None, None]
+        assert (sign_y != 0).all() and (sign_x != 0).all(), "tiles need 2 rows and columns of image"
+        out = torch.stack([
+            sign_y * (torch.sin(y / 7.0) + x / 100.0),
+            sign_x * (torch.cos(x / 5.0) - y / 50.0),
+            torch.sin((y + 2 * x) / 11.0) * 3.0,
+        ], dim=1)
+        return torch.where(inside[:, None], out, torch.full_like(out, 1e6)).to(tiles.dtype)
+
+
+def position_image(height, width):
+    """(H, W, 2) float32: channel 0 = row + 1, channel 1 = column + 1."""
+    rows, cols = np.indices((height, width), dtype=np.float32)
+    return np.stack([rows + 1, cols + 1], axis=-1)
+
+
+def expected_output(height, width):
+    rows, cols = np.indices((height, width), dtype=np.float64)
+    return np.stack([flow_y(rows, cols), flow_x(rows, cols), cell_logit(rows, cols)])
+
+
+class PixelNet(torch.nn.Module):
+    """Per pixel: dy = c0, dx = c1, cellprob = c0 + 2 c1 + 4 c2, for 3-channel input."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, tiles):
+        assert tiles.shape[1] == 3
+        c0, c1, c2 = tiles[:, 0], tiles[:, 1], tiles[:, 2]
+        return torch.stack([c0, c1, c0 + 2 * c1 + 4 * c2], dim=1)
+
+
+class ConstantNet(torch.nn.Module):
+    def __init__(self, values=(1.5, -2.0, 0.25)):
+        super().__init__()
+        self.values = torch.tensor(values)
+        self.tiles_seen = 0
+
+    def forward(self, tiles):
+        self.tiles_seen += tiles.shape[0]
+        return self.values[None, :, None, None].expand(tiles.shape[0], 3, *tiles.shape[-2:]).clone()
+
+
+class ConvNet(torch.nn.Module):
+    """A fixed random 5x5 convolution: position-dependent, not flip-equivariant."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = torch.nn.Conv2d(3, 3, 5, padding=2)
+
+    def forward(self, tiles):
+        return self.conv(tiles)
+
+
+class CellposeAdapter(torch.nn.Module):
+    """Wraps a stand-in as a Cellpose network: .device, .dtype, and an (output, style) pair."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+
+    def forward(self, x):
+        return self.net(x), torch.zeros(x.shape[0], 256)
+
+
+def raw(**options) -> PredictConfig:
+    """Options that return the stitched network output for the image as given."""
+    return PredictConfig(normalize=False, compute_masks=False, **options)
+
+
+RAW = raw()
+SIZES = [(1 + 1, 2), (17, 300), (100, 100), (255, 257), (256, 256), (300, 140), (513, 700)]
+
+
+def stitched(prediction):
+    return np.concatenate([prediction.flows, prediction.cellprob[None]])
+
+
+# ------------------------------------------------------------------------------------------------
+# Geometry against Cellpose
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.reference
+def test_pad_widths_match_cellpose():
+    transforms = pytest.importorskip("cellpose.transforms")
+    # Expected: cellpose.transforms.get_pad_yx as core.run_net calls it (min_size = tile size).
+    for length in list(range(1, 600)) + [1000, 1023, 1024, 4097]:
+        expected = transforms.get_pad_yx(length, length, min_size=(TILE_SIZE, TILE_SIZE))[:2]
+        assert pad_widths(length) == tuple(int(v) for v in expected), length
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("augment", [False, True])
+@pytest.mark.parametrize("overlap", [0.05, 0.1, 0.25, 0.5])
+def test_tile_starts_and_flips_match_cellpose(augment, overlap):
+    transforms = pytest.importorskip("cellpose.transforms")
+    rng = np.random.default_rng(0)
+    # Padded sizes as run_net produces them: 256 for small images, else 16k + 16.
+    for height, width in [(256, 256), (256, 272), (272, 256), (528, 304), (800, 1040), (256, 1200)]:
+        image = rng.random((2, height, width)).astype(np.float32)
+        # Expected: the tiles cellpose.transforms.make_tiles cuts (and flips, with augment).
+        tiles, ysub, xsub, _, _ = transforms.make_tiles(
+            image, bsize=TILE_SIZE, augment=augment, tile_overlap=overlap
+        )
+        tiles = tiles.reshape(-1, 2, TILE_SIZE, TILE_SIZE)
+        grid = tile_grid((height, width), TILE_SIZE, overlap, augment)
+        expected_starts = [(int(y[0]), int(x[0])) for y, x in zip(ysub, xsub)]
+        assert [(y0, x0) for y0, x0, _, _ in grid] == expected_starts
+        for (y0, x0, flip_y, flip_x), expected in zip(grid, tiles):
+            tile = image[:, y0 : y0 + TILE_SIZE, x0 : x0 + TILE_SIZE]
+            tile = tile[:, ::-1] if flip_y else tile
+            tile = tile[:, :, ::-1] if flip_x else tile
+            np.testing.assert_array_equal(tile, expected)
+        starts = tile_starts(height, TILE_SIZE, overlap, augment)
+        assert sorted(set(starts.tolist())) == sorted({int(y[0]) for y in ysub})
+
+
+@pytest.mark.reference
+def test_taper_matches_cellpose():
+    transforms = pytest.importorskip("cellpose.transforms")
+    # Expected: cellpose.transforms._taper_mask, the weight average_tiles uses.
+    expected = transforms._taper_mask(TILE_SIZE, TILE_SIZE)
+    np.testing.assert_allclose(taper_weights(TILE_SIZE), expected, rtol=1e-12)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("augment", [False, True])
+def test_stitched_output_matches_cellpose_run_net(augment):
+    core = pytest.importorskip("cellpose.core")
+    transforms = pytest.importorskip("cellpose.transforms")
+    net = ConvNet().eval()
+    rng = np.random.default_rng(1)
+    cases = [((100, 100), None), ((250, 300), None), ((513, 700), None), ((1000, 37), None),
+             ((300, 260), 45.0), ((260, 300), 17.0)]
+    for (height, width), diameter in cases:
+        image = rng.random((height, width, 3)).astype(np.float32)
+        ours = stitched(predict(net, image, raw(augment=augment, diameter=diameter)))
+        # Expected: Cellpose's core.run_net on the same network, then the resize back to the
+        # input size that CellposeModel._run_net does after a rescale.
+        rescale = None if diameter is None else 30.0 / diameter
+        with torch.no_grad():
+            output, _ = core.run_net(
+                CellposeAdapter(net), image[None], augment=augment, tile_overlap=0.1,
+                bsize=TILE_SIZE, rsz=rescale,
+            )
+        if rescale is not None:
+            output = transforms.resize_image(output, height, width)
+        expected = output[0].transpose(2, 0, 1)
+        # Without a rescale only float rounding differs; cv2's bilinear resize is a little coarser.
+        tolerance = 1e-5 if diameter is None else 2e-4
+        np.testing.assert_allclose(
+            ours, expected, atol=tolerance, err_msg=f"{height}x{width}, {diameter}"
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Blending and test-time augmentation
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("height, width", SIZES)
+def test_blending_a_constant_field_gives_the_constant(height, width):
+    image = np.random.default_rng(0).random((height, width, 3)).astype(np.float32)
+    prediction = predict(ConstantNet(), image, RAW)
+    assert prediction.flows.shape == (2, height, width)
+    assert prediction.cellprob.shape == (height, width)
+    assert prediction.flows.dtype == np.float32 and prediction.cellprob.dtype == np.float32
+    constants = np.array([1.5, -2.0, 0.25])[:, None, None]
+    expected = np.broadcast_to(constants, (3, height, width))
+    np.testing.assert_allclose(stitched(prediction), expected, rtol=1e-6)
+
+
+def test_augment_averages_flipped_constants_to_zero_flow():
+    # Flip TTA negates a flipped tile's flow along the flipped axis; with a constant flow the
+    # flipped and unflipped tiles cancel where they overlap equally, and cellprob is untouched.
+    prediction = predict(ConstantNet(), np.ones((100, 100, 1), np.float32), raw(augment=True))
+    np.testing.assert_allclose(prediction.cellprob, 0.25, rtol=1e-6)
+    # A 100x100 image pads to 256: 2 x 2 tiles at the same place, one of each flip pattern.
+    np.testing.assert_allclose(prediction.flows, 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("augment", [False, True])
+@pytest.mark.parametrize("height, width", SIZES)
+def test_stitched_position_field_is_exact(height, width, augment):
+    net = PositionNet()
+    prediction = predict(net, position_image(height, width), raw(augment=augment))
+    np.testing.assert_allclose(stitched(prediction), expected_output(height, width), atol=2e-5)
+    padded = [h + sum(pad_widths(h)) for h in (height, width)]
+    assert net.tiles_seen == len(tile_grid(tuple(padded), augment=augment))
+
+
+def test_augment_without_unflipping_would_be_caught(monkeypatch):
+    # The position test is sharp: if flipped outputs were not negated, it would fail.
+    def flip_back_only(output, flip_y, flip_x):
+        return predict_module._flip(output, flip_y, flip_x)
+
+    monkeypatch.setattr(predict_module, "_unflip_flows", flip_back_only)
+    prediction = predict(PositionNet(), position_image(300, 300), raw(augment=True))
+    assert not np.allclose(stitched(prediction), expected_output(300, 300), atol=1e-3)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_batch_size_does_not_change_the_output(batch_size):
+    image = np.random.default_rng(2).random((300, 520, 3)).astype(np.float32)
+    net = ConvNet().eval()
+    reference = stitched(predict(net, image, RAW))
+    ours = stitched(predict(net, image, raw(batch_size=batch_size)))
+    np.testing.assert_allclose(ours, reference, atol=1e-6)
+
+
+def test_tile_counts_follow_cellpose_formula():
+    # 1 tile up to 256 px padded; ceil(1.2 L / 256) beyond; max(2, ceil(2 L / 256)) with augment.
+    assert tile_starts(256).tolist() == [0]
+    assert len(tile_starts(272)) == math.ceil(1.2 * 272 / 256) == 2
+    assert len(tile_starts(1040, tile_overlap=0.5)) == math.ceil(2.0 * 1040 / 256)
+    assert len(tile_starts(272, augment=True)) == 3
+    assert tile_starts(1040)[-1] == 1040 - 256
+    with pytest.raises(ValueError, match="tile_size"):
+        tile_starts(200)
+
+
+# ------------------------------------------------------------------------------------------------
+# Channels, normalisation, input checks
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3])
+def test_fewer_channels_equal_zero_padding(channels):
+    rng = np.random.default_rng(channels)
+    image = rng.random((120, 300, channels)).astype(np.float32)
+    padded = np.concatenate([image, np.zeros((120, 300, 3 - channels), np.float32)], axis=-1)
+    ours = stitched(predict(PixelNet(), image, RAW))
+    np.testing.assert_allclose(ours, stitched(predict(PixelNet(), padded, RAW)), atol=1e-6)
+    np.testing.assert_allclose(ours[2], image @ np.array([1.0, 2.0, 4.0])[:channels], atol=1e-5)
+
+
+def test_predict_tiles_takes_a_normalised_channels_first_tensor():
+    image = np.random.default_rng(4).random((70, 300, 2)).astype(np.float32)
+    output = predict_tiles(ConvNet().eval(), torch.from_numpy(image).permute(2, 0, 1), RAW)
+    assert output.dtype == torch.float32 and tuple(output.shape) == (3, 70, 300)
+    np.testing.assert_array_equal(output.numpy(), stitched(predict(ConvNet().eval(), image, RAW)))
+    with pytest.raises(ValueError, match="float"):
+        predict_tiles(ConvNet(), torch.zeros(3, 10, 10, dtype=torch.uint8), RAW)
+
+
+def test_grayscale_2d_image_is_one_channel():
+    image = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    np.testing.assert_allclose(stitched(predict(PixelNet(), image, RAW))[2], image, atol=1e-6)
+
+
+def test_normalize_maps_percentiles_per_channel():
+    rng = np.random.default_rng(3)
+    channels = [rng.integers(0, 4000, (90, 90)), rng.integers(100, 200, (90, 90))]
+    image = np.stack(channels, axis=-1).astype(np.uint16)
+    from pipeline.io import normalize_percentile
+
+    ours = stitched(predict(PixelNet(), image, PredictConfig(compute_masks=False)))
+    expected = normalize_percentile(image)
+    np.testing.assert_allclose(ours[0], expected[..., 0], atol=1e-5)
+    np.testing.assert_allclose(ours[1], expected[..., 1], atol=1e-5)
+
+
+def test_bad_images_are_refused():
+    with pytest.raises(ValueError, match="1 <= C <= 3"):
+        predict(PixelNet(), np.zeros((10, 10, 4), np.float32), RAW)
+    with pytest.raises(TypeError, match="numpy"):
+        predict(PixelNet(), torch.zeros(10, 10), RAW)
+    with pytest.raises(ValueError, match="non-finite"):
+        predict(PixelNet(), np.full((10, 10), np.nan, np.float32), RAW)
+
+
+def test_more_channels_than_the_model_takes_is_an_error():
+    class OneChannel(ConstantNet):
+        cfg = type("Cfg", (), {"in_channels": 1})()
+
+    with pytest.raises(ValueError, match="2 channels but the model takes 1"):
+        predict(OneChannel(), np.zeros((10, 10, 2), np.float32), RAW)
+
+
+def test_model_training_mode_is_restored():
+    net = ConvNet().train()
+    predict(net, np.zeros((20, 20, 3), np.float32), RAW)
+    assert net.training
+    net.eval()
+    predict(net, np.zeros((20, 20, 3), np.float32), RAW)
+    assert not net.training
+
+
+# ------------------------------------------------------------------------------------------------
+# Diameter rescale
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("diameter", [10.0, 30.0, 45.0, 61.0])
+@pytest.mark.parametrize("height, width", [(100, 37), (300, 513)])
+def test_diameter_rescale_returns_the_input_size(height, width, diameter):
+    net = ConstantNet()
+    image = np.random.default_rng(0).random((height, width, 3)).astype(np.float32)
+    prediction = predict(net, image, raw(diameter=diameter))
+    assert prediction.flows.shape == (2, height, width)
+    assert prediction.cellprob.shape == (height, width)
+    np.testing.assert_allclose(prediction.cellprob, 0.25, rtol=1e-6)
+    # The network saw the image at 30 / diameter: count its tiles.
+    scaled = [int(side * DIAMETER_MEAN / diameter) for side in (height, width)]
+    padded = tuple(side + sum(pad_widths(side)) for side in scaled)
+    assert net.tiles_seen == len(tile_grid(padded))
+
+
+def test_rescaled_position_field_is_close_to_the_field():
+    # Downscaling by 2 and back blurs a smooth field only a little; this checks orientation and
+    # alignment of the two resizes (a half-pixel or axis mix-up gives errors of order 1).
+    image = position_image(400, 300)
+    prediction = predict(PositionNet(), image, raw(diameter=60.0))
+    error = np.abs(stitched(prediction) - expected_output(400, 300))[:, 4:-4, 4:-4]
+    assert error.max() < 0.05
+
+
+@pytest.mark.parametrize("diameter, niter, expected", [
+    (None, None, 200), (30.0, None, 200), (60.0, None, 400), (15.0, None, 100), (45.0, 7, 7),
+])
+def test_niter_scales_with_the_rescale_as_cellpose(monkeypatch, diameter, niter, expected):
+    seen = {}
+
+    def fake_flows_to_masks(dP, cellprob, **options):
+        seen.update(options)
+        return np.zeros(cellprob.shape, np.uint16)
+
+    monkeypatch.setattr(predict_module, "flows_to_masks", fake_flows_to_masks)
+    mask_options = {"cellprob_threshold": 0.5, "flow_threshold": 0.3, "min_size": 3,
+                    "max_size_fraction": 0.2}
+    cfg = PredictConfig(diameter=diameter, niter=niter, **mask_options)
+    prediction = predict(ConstantNet(), np.ones((50, 50), np.float32), cfg)
+    assert prediction.masks.shape == (50, 50)
+    assert seen == {"niter": expected, **mask_options}
+
+
+def test_too_large_a_diameter_is_an_error():
+    with pytest.raises(ValueError, match="shrinks"):
+        predict(ConstantNet(), np.ones((10, 10), np.float32), raw(diameter=400.0))
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"diameter": 0.0}, "diameter"), ({"diameter": -3.0}, "diameter"),
+    ({"tile_overlap": 0.9}, "tile_overlap"), ({"tile_overlap": 0.0}, "tile_overlap"),
+    ({"batch_size": 0}, "batch_size"), ({"niter": 0}, "niter"), ({"augment": 1}, "augment"),
+    ({"flow_threshold": -1.0}, "flow_threshold"), ({"min_size": 1.5}, "min_size"),
+    ({"max_size_fraction": 0.0}, "max_size_fraction"),
+    ({"cellprob_threshold": math.nan}, "cellprob_threshold"),
+])
+def test_config_checks(options, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        PredictConfig(**options)
+
+
+# ------------------------------------------------------------------------------------------------
+# The real model: a randomly initialised tiny CP-SAM, and loading weight files
+# ------------------------------------------------------------------------------------------------
+
+
+
+def tiny_model(in_channels=3, seed=0):
+    torch.manual_seed(seed)
+    cfg = model_module.ModelConfig(encoder="tiny", in_channels=in_channels)
+    return model_module.build_model(cfg).eval()
+
+
+def export(model, path, step=7):
+    """Write ``model`` as the trainer exports it: Cellpose layout plus <stem>.json."""
+    torch.save(model_module.to_cellpose(model), path)
+    # As train/trainer.py writes it: every ModelConfig field, incl. the SAM weights it started from.
+    fields = dataclasses.asdict(model.cfg) | {"sam_checkpoint": "sam_vit_l_0b3195.pth"}
+    path.with_suffix(".json").write_text(json.dumps({"model": fields, "step": step}))
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3])
+def test_tiny_model_predicts_masks_for_1_to_3_channels(channels):
+    from pipeline.synthetic import generate
+
+    kind = {1: "nuclei", 2: "cyto", 3: "he"}[channels]
+    image, _ = generate(kind, (200, 300), seed=channels)
+    assert image.shape[-1] == channels
+    prediction = predict(tiny_model(), image, PredictConfig(flow_threshold=0.0, min_size=0))
+    assert prediction.flows.shape == (2, 200, 300) and prediction.cellprob.shape == (200, 300)
+    assert np.isfinite(prediction.flows).all() and np.isfinite(prediction.cellprob).all()
+    assert prediction.masks.dtype == np.uint16 and prediction.masks.shape == (200, 300)
+    # Masks are numbered 1..N.
+    assert set(np.unique(prediction.masks)) == set(range(int(prediction.masks.max()) + 1))
+
+
+def test_tiny_model_export_round_trips_through_load_model(tmp_path):
+    model = tiny_model(in_channels=1)
+    export(model, tmp_path / "model_cellpose.pt")
+    loaded = load_model(tmp_path / "model_cellpose.pt", device="cpu")
+    assert loaded.cfg.in_channels == 1 and loaded.cfg.encoder == "tiny" and not loaded.training
+    assert next(loaded.parameters()).dtype == torch.float32  # fp32 on the CPU
+    image = np.random.default_rng(0).integers(0, 500, (140, 270)).astype(np.uint16)
+    expected = stitched(predict(model, image, RAW))
+    np.testing.assert_array_equal(stitched(predict(loaded, image, RAW)), expected)
+
+
+def test_official_layout_without_json_loads_from_shapes(tmp_path):
+    # An official cpsam file has no json; the variant comes from the tensor shapes (a ViT-L in
+    # the real file, the tiny variant here) and in_channels is 3.
+    model = tiny_model()
+    torch.save(model_module.to_cellpose(model), tmp_path / "cpsam")
+    loaded = load_model(tmp_path / "cpsam", device="cpu")
+    assert loaded.cfg.encoder == "tiny" and loaded.cfg.in_channels == 3
+    image = np.random.default_rng(1).random((64, 64, 2)).astype(np.float32)
+    expected = stitched(predict(model, image, RAW))
+    np.testing.assert_array_equal(stitched(predict(loaded, image, RAW)), expected)
+
+
+def test_bf16_model_returns_float32_close_to_fp32(tmp_path):
+    model = tiny_model()
+    export(model, tmp_path / "m.pt")
+    half = load_model(tmp_path / "m.pt", device="cpu", dtype=torch.bfloat16)
+    assert next(half.parameters()).dtype == torch.bfloat16
+    image = np.random.default_rng(2).random((100, 100, 3)).astype(np.float32)
+    ours = stitched(predict(half, image, RAW))
+    assert ours.dtype == np.float32
+    reference = stitched(predict(model, image, RAW))
+    assert np.abs(ours - reference).max() < 0.1 * np.abs(reference).max()
+
+
+def test_load_model_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_model(tmp_path / "nope.pt")
+    with pytest.raises(ValueError, match="folder"):
+        load_model(tmp_path)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt"):
+        load_model(tmp_path / "junk.pt")
+    torch.save({"W2": torch.zeros(1)}, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="partial.pt"):
+        load_model(tmp_path / "partial.pt")
+    export(tiny_model(), tmp_path / "m.pt")
+    (tmp_path / "m.json").write_text(json.dumps({"step": 3}))
+    with pytest.raises(ValueError, match="m.json"):
+        load_model(tmp_path / "m.pt")

@@ -1,0 +1,648 @@
+"""Tests for pipeline.model: shapes, the pixel-shuffle readout, layer drop, SAM and Cellpose
+checkpoints, FLOPs and parameter counts; parity with Cellpose 4's ``cellpose.vit.CPSAM``."""
+
+import math
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling.image_encoder import ImageEncoderViT
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.model import (
+    CPSAM,
+    ENCODERS,
+    ModelConfig,
+    build_model,
+    flops_per_image,
+    from_cellpose,
+    load_sam_encoder,
+    read_sam_encoder,
+    sample_layer_drop,
+    to_cellpose,
+    unwrap_state_dict,
+)
+
+TINY = ModelConfig(encoder="tiny")
+
+
+def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every parameter a random value, so zero-initialised tables (relative and absolute
+    positions) and unit norms take part in comparisons. W2 and the diameters are left alone."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in ("W2", "diam_labels", "diam_mean"):
+                continue
+            noise = torch.randn(param.shape, generator=generator)
+            is_norm_weight = name.endswith(("norm1.weight", "norm2.weight"))
+            if is_norm_weight or ".neck.1.weight" in name or ".neck.3.weight" in name:
+                param.copy_(1 + 0.1 * noise)
+            elif "rel_pos" in name or "pos_embed" in name:
+                param.copy_(0.2 * noise)
+            else:
+                param.copy_(0.02 * noise)
+    return model
+
+
+def tiny_model(seed: int = 0, **overrides) -> CPSAM:
+    torch.manual_seed(seed)
+    return randomise(CPSAM(ModelConfig(encoder="tiny", **overrides)), seed)
+
+
+def images(batch: int, channels: int = 3, seed: int = 0) -> torch.Tensor:
+    return torch.rand((batch, channels, 256, 256), generator=torch.Generator().manual_seed(seed))
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# ------------------------------------------------------------------------------------------------
+# Config and shapes
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"encoder": "vit_h"}, "encoder"),
+        ({"layer_drop": 1.5}, "layer_drop"),
+        ({"layer_drop": -0.1}, "layer_drop"),
+        ({"in_channels": 4}, "in_channels"),
+        ({"in_channels": 0}, "in_channels"),
+        ({"image_size": 250}, "multiple of patch_size"),
+        ({"patch_size": 8.0}, "patch_size"),
+    ],
+)
+def test_config_rejects_bad_fields(fields, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**fields)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3])
+def test_output_shape_and_zero_padding(channels):
+    three = tiny_model().eval()
+    model = CPSAM(ModelConfig(encoder="tiny", in_channels=channels)).eval()
+    model.load_state_dict(three.state_dict())
+    x = images(2, channels)
+    with torch.no_grad():
+        out = model(x)
+        padded = three(F.pad(x, (0, 0, 0, 0, 0, 3 - channels)))
+    assert out.shape == (2, 3, 256, 256) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    # Fewer channels are the same as zeros in the missing (last) ones.
+    torch.testing.assert_close(out, padded, rtol=0, atol=0)
+
+
+def test_forward_rejects_bad_input():
+    model = CPSAM(TINY).eval()
+    with pytest.raises(ValueError, match=r"\(B, 3, 256, 256\)"):
+        model(torch.zeros(1, 1, 256, 256))
+    with pytest.raises(ValueError, match="256x256"):
+        model(torch.zeros(1, 3, 128, 128))
+    with pytest.raises(TypeError, match="float"):
+        model(torch.zeros(1, 3, 256, 256, dtype=torch.uint8))
+
+
+def test_structure_matches_the_paper():
+    # paper.md 2a: 8x8 patches, 32x32 tokens, global attention everywhere, SAM's table shapes.
+    with torch.device("meta"):
+        model = CPSAM(ModelConfig())
+    encoder = model.encoder
+    assert encoder.patch_embed.proj.weight.shape == (1024, 3, 8, 8)
+    assert encoder.patch_embed.proj.stride == (8, 8) and encoder.patch_embed.proj.bias is not None
+    assert encoder.pos_embed.shape == (1, 32, 32, 1024)
+    for index, block in enumerate(encoder.blocks):
+        assert block.window_size == 0
+        rows = 127 if index in (5, 11, 17, 23) else 27
+        assert block.attn.rel_pos_h.shape == block.attn.rel_pos_w.shape == (rows, 64)
+    assert model.out.weight.shape == (192, 256, 1, 1) and model.out.bias.shape == (192,)
+    tiny_rows = [block.attn.rel_pos_h.shape[0] for block in CPSAM(TINY).encoder.blocks]
+    assert tiny_rows == [27, 127]  # the tiny model exercises both kinds of table
+
+
+def test_init_weights_is_reproducible_and_materialises_meta():
+    with torch.device("meta"):
+        model = CPSAM(TINY)
+    model.to_empty(device="cpu")
+    model.init_weights(torch.Generator().manual_seed(1))
+    again = CPSAM(TINY)
+    again.init_weights(torch.Generator().manual_seed(1))
+    for (name, value), other in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(value, other), name
+        assert torch.isfinite(value).all(), name
+    assert float(model.diam_mean) == float(model.diam_labels) == 30.0
+    assert not model.encoder.blocks[0].attn.rel_pos_h.any()  # SAM's zero init
+    assert 0 < model.encoder.pos_embed.std() < 0.03
+
+
+# ------------------------------------------------------------------------------------------------
+# Readout: W2 as conv_transpose2d is PixelShuffle(8)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_pixel_shuffle_is_cellposes_w2():
+    w2 = to_cellpose(CPSAM(TINY))["W2"]
+    assert w2.shape == (192, 3, 8, 8)
+    readout = torch.randn(2, 192, 4, 5)
+    expected = F.conv_transpose2d(readout, w2, stride=8)
+    assert torch.equal(F.pixel_shuffle(readout, 8), expected)
+    # paper.md 2a: readout channel c*64 + a*8 + b -> output channel c at pixel (8i + a, 8j + b).
+    for c, a, b, i, j in [(0, 0, 0, 0, 0), (1, 3, 5, 2, 1), (2, 7, 7, 3, 4), (2, 0, 6, 1, 3)]:
+        one_hot = torch.zeros(1, 192, 4, 5)
+        one_hot[0, c * 64 + a * 8 + b, i, j] = 1.0
+        shuffled = F.pixel_shuffle(one_hot, 8)
+        assert shuffled[0, c, 8 * i + a, 8 * j + b] == 1.0 and shuffled.sum() == 1.0
+
+
+def test_model_output_is_readout_through_w2():
+    model = tiny_model().eval()
+    captured = {}
+    model.out.register_forward_hook(lambda module, args, output: captured.update(readout=output))
+    with torch.no_grad():
+        out = model(images(1))
+    w2 = to_cellpose(model)["W2"]
+    assert torch.equal(out, F.conv_transpose2d(captured["readout"], w2, stride=8))
+
+
+# ------------------------------------------------------------------------------------------------
+# Layer drop
+# ------------------------------------------------------------------------------------------------
+
+
+def test_layer_drop_schedule_is_linear_per_block():
+    depth, layer_drop, samples = 24, 0.4, 20000
+    drop = sample_layer_drop(samples, depth, layer_drop, torch.Generator().manual_seed(0))
+    assert drop.shape == (samples, depth) and drop.dtype == torch.bool
+    expected = torch.linspace(0, layer_drop, depth)
+    frequency = drop.float().mean(0)
+    tolerance = 4 * torch.sqrt(expected * (1 - expected) / samples) + 1e-9
+    assert (frequency - expected).abs().le(tolerance).all(), (frequency, expected)
+    assert not drop[:, 0].any()
+    # Per sample: rows differ (not one draw per batch).
+    assert len({tuple(row.tolist()) for row in drop[:64]}) > 32
+    # Same generator state, same masks.
+    again = sample_layer_drop(samples, depth, layer_drop, torch.Generator().manual_seed(0))
+    assert torch.equal(drop, again)
+
+
+def test_eval_mode_never_drops():
+    model = tiny_model(layer_drop=1.0).eval()
+    plain = CPSAM(ModelConfig(encoder="tiny", layer_drop=0.0)).train()
+    plain.load_state_dict(model.state_dict())
+    x = images(2)
+    with torch.no_grad():
+        first = model(x, torch.Generator().manual_seed(0))
+        second = model(x, torch.Generator().manual_seed(1))
+        no_drop = plain(x)
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, no_drop, rtol=0, atol=0)
+
+
+def masked_reference(model: CPSAM, x: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """Cellpose's way: every block on every sample, then keep the input where dropped."""
+    tokens = model.encoder.patch_embed(x) + model.encoder.pos_embed
+    for index, block in enumerate(model.encoder.blocks):
+        mask = drop[:, index].float().view(-1, 1, 1, 1)
+        tokens = tokens * mask + block(tokens) * (1 - mask)
+    return F.pixel_shuffle(model.out(model.encoder.neck(tokens.permute(0, 3, 1, 2))), 8)
+
+
+def test_skipping_dropped_samples_equals_masking():
+    model = tiny_model(layer_drop=0.6).train()
+    x = images(8)
+    drop = sample_layer_drop(8, 2, 0.6, torch.Generator().manual_seed(5))
+    assert drop[:, 1].any() and not drop[:, 1].all()  # a mixed batch at the last block
+    batch_sizes = []
+    for block in model.encoder.blocks:
+        block.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+    with torch.no_grad():
+        skipped = model(x, torch.Generator().manual_seed(5))
+        masked = masked_reference(model, x, drop)
+    # Each block ran on exactly the samples that keep it.
+    assert batch_sizes[:2] == (~drop).sum(0).tolist()
+    # Not bitwise: a block on 3 samples may round differently from one on 8 (BLAS blocking).
+    torch.testing.assert_close(skipped, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_default_generator_is_torch_manual_seed():
+    model = tiny_model(layer_drop=0.6).train()
+    x = images(4)
+    with torch.no_grad():
+        torch.manual_seed(11)
+        first = model(x)
+        torch.manual_seed(11)
+        second = model(x)
+        torch.manual_seed(11)
+        drop = sample_layer_drop(4, 2, 0.6)
+        masked = masked_reference(model, x, drop)
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_fully_dropped_block_still_runs_forward_and_backward():
+    # layer_drop=1: the last block is dropped for every sample.
+    model = tiny_model(layer_drop=1.0).train()
+    calls = []
+    for index, block in enumerate(model.encoder.blocks):
+        block.register_forward_pre_hook(lambda module, args, index=index: calls.append(index))
+    x = images(2)
+    out = model(x, torch.Generator().manual_seed(0))
+    out.square().mean().backward()
+    assert calls == [0, 1]  # every block is called (FSDP hooks), dropped or not
+    last = model.encoder.blocks[-1]
+    for name, param in last.named_parameters():
+        assert param.grad is not None, name  # its backward ran, so a reduce-scatter would too
+        assert not param.grad.any(), name  # and it contributed nothing
+    assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        masked = masked_reference(model, x, torch.tensor([[False, True], [False, True]]))
+    torch.testing.assert_close(out.detach(), masked, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_drop_gradients_match_masking():
+    model = tiny_model(layer_drop=0.6).train()
+    x = images(6)
+    drop = sample_layer_drop(6, 2, 0.6, torch.Generator().manual_seed(2))
+    model(x, torch.Generator().manual_seed(2)).square().mean().backward()
+    skipped = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    masked_reference(model, x, drop).square().mean().backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(skipped[name], param.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_layer_drop_generator_must_be_cpu():
+    class FakeGenerator:
+        device = torch.device("cuda", 0)
+
+    with pytest.raises(ValueError, match="CPU"):
+        sample_layer_drop(2, 4, 0.4, FakeGenerator())
+
+
+# ------------------------------------------------------------------------------------------------
+# SAM checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+def sam_encoder(name: str) -> ImageEncoderViT:
+    """An image encoder exactly as segment_anything's build_sam makes it (1024 input, 16x16
+    patches, 14x14 windows), at the sizes of ENCODERS[name]."""
+    spec = ENCODERS[name]
+    return ImageEncoderViT(
+        img_size=1024,
+        patch_size=16,
+        embed_dim=spec.embed_dim,
+        depth=spec.depth,
+        num_heads=spec.num_heads,
+        mlp_ratio=4,
+        out_chans=spec.neck_dim,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        window_size=14,
+        global_attn_indexes=spec.global_attn_indexes,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_sam_checkpoint(tmp_path_factory):
+    """A SAM checkpoint in SAM's own key layout, for the tiny encoder."""
+    torch.manual_seed(0)
+    encoder = randomise(sam_encoder("tiny"), seed=3)
+    state = {f"image_encoder.{k}": v for k, v in encoder.state_dict().items()}
+    state["mask_decoder.iou_prediction_head.layers.0.weight"] = torch.randn(4, 4)
+    state["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"] = torch.randn(2, 128)
+    path = tmp_path_factory.mktemp("sam") / "sam_tiny.pth"
+    torch.save(state, path)
+    return path, encoder.state_dict()
+
+
+def test_load_sam_encoder_adapts_patch_and_position_embeddings(tiny_sam_checkpoint):
+    path, sam = tiny_sam_checkpoint
+    model = CPSAM(TINY)
+    readout_before = model.out.weight.clone()
+    load_sam_encoder(model, path)
+    ours = model.encoder.state_dict()
+    # paper.md 2a: every second tap of the 16x16 kernel, no rescaling, bias kept.
+    subsampled = sam["patch_embed.proj.weight"][:, :, ::2, ::2]
+    assert torch.equal(ours["patch_embed.proj.weight"], subsampled)
+    assert torch.equal(ours["patch_embed.proj.bias"], sam["patch_embed.proj.bias"])
+    # The 64x64 grid with stride 2 -> 32x32.
+    assert torch.equal(ours["pos_embed"], sam["pos_embed"][:, ::2, ::2])
+    for key, value in sam.items():
+        if key not in ("patch_embed.proj.weight", "pos_embed"):
+            assert torch.equal(ours[key], value), key  # tables keep SAM's shapes (27 and 127 rows)
+    assert torch.equal(model.out.weight, readout_before)  # the readout is not SAM's
+
+
+def test_build_model_loads_the_configured_sam_checkpoint(tiny_sam_checkpoint):
+    path, sam = tiny_sam_checkpoint
+    model = build_model(ModelConfig(encoder="tiny", sam_checkpoint=str(path)))
+    assert torch.equal(model.encoder.blocks[1].attn.rel_pos_h, sam["blocks.1.attn.rel_pos_h"])
+    with torch.device("meta"):  # nothing to load into: the trainer loads after materialising
+        assert build_model(ModelConfig(encoder="tiny", sam_checkpoint=str(path))).out.weight.is_meta
+
+
+def test_sam_encoder_in_our_forward_matches_sam_blocks(tiny_sam_checkpoint):
+    # Our forward with SAM's weights equals SAM's own modules run at the paper's geometry.
+    path, sam = tiny_sam_checkpoint
+    model = CPSAM(TINY).eval()
+    load_sam_encoder(model, path)
+    reference = sam_encoder("tiny")
+    reference.load_state_dict(sam)
+    for block in reference.blocks:
+        block.window_size = 0
+    x = images(1)
+    with torch.no_grad():
+        weight = reference.patch_embed.proj.weight[:, :, ::2, ::2]
+        tokens = F.conv2d(x, weight, reference.patch_embed.proj.bias, stride=8).permute(0, 2, 3, 1)
+        tokens = tokens + reference.pos_embed[:, ::2, ::2]
+        for block in reference.blocks:
+            tokens = block(tokens)
+        expected = F.pixel_shuffle(model.out(reference.neck(tokens.permute(0, 3, 1, 2))), 8)
+        assert torch.equal(model(x), expected)
+
+
+def test_sam_checkpoint_missing_file(tmp_path):
+    missing = tmp_path / "nowhere" / "sam_vit_l_0b3195.pth"
+    with pytest.raises(FileNotFoundError, match="nowhere/sam_vit_l_0b3195.pth"):
+        load_sam_encoder(CPSAM(TINY), missing)
+
+
+def test_sam_checkpoint_of_another_variant(tmp_path):
+    # Only the tensors that name the variant: a vit_b patch embedding and 12 blocks.
+    vit_b = tmp_path / "sam_vit_b.pth"
+    torch.save(
+        {
+            "image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16),
+            "image_encoder.blocks.11.norm1.weight": torch.zeros(768),
+        },
+        vit_b,
+    )
+    with torch.device("meta"):
+        vit_l = CPSAM(ModelConfig())
+    with pytest.raises(ValueError, match=r"vit_b \(embed_dim 768, depth 12\).*model is vit_l"):
+        load_sam_encoder(vit_l, vit_b)
+    with pytest.raises(ValueError, match=r"vit_b.*model is tiny"):
+        load_sam_encoder(CPSAM(TINY), vit_b)
+
+
+def test_sam_checkpoint_with_bad_geometry(tiny_sam_checkpoint):
+    path, _ = tiny_sam_checkpoint
+    with pytest.raises(ValueError, match="position embedding"):  # 64 is not a multiple of 28
+        read_sam_encoder(path, ModelConfig(encoder="tiny", image_size=224))
+    with pytest.raises(ValueError, match="patch-embedding kernel"):
+        read_sam_encoder(path, ModelConfig(encoder="tiny", patch_size=5, image_size=160))
+
+
+def test_not_a_sam_checkpoint(tmp_path):
+    model = CPSAM(TINY)
+    cellpose_file = tmp_path / "cpsam_tiny.pth"
+    torch.save(to_cellpose(model), cellpose_file)
+    with pytest.raises(ValueError, match="from_cellpose"):
+        load_sam_encoder(model, cellpose_file)
+    other = tmp_path / "other.pth"
+    torch.save({"weight": torch.zeros(3)}, other)
+    with pytest.raises(ValueError, match="not a SAM checkpoint"):
+        load_sam_encoder(model, other)
+    tensor_file = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), tensor_file)
+    with pytest.raises(ValueError, match="not a SAM checkpoint"):
+        load_sam_encoder(model, tensor_file)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="not a readable torch checkpoint"):
+        load_sam_encoder(model, garbage)
+    broken = tmp_path / "broken.pth"
+    state = {f"image_encoder.{k}": v for k, v in sam_encoder("tiny").state_dict().items()}
+    del state["image_encoder.blocks.1.mlp.lin2.bias"]
+    torch.save(state, broken)
+    with pytest.raises(ValueError, match=r"missing: encoder.blocks.1.mlp.lin2.bias"):
+        load_sam_encoder(model, broken)
+
+
+# ------------------------------------------------------------------------------------------------
+# Cellpose checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+def test_to_cellpose_layout_and_round_trip():
+    model = tiny_model().eval()
+    exported = to_cellpose(model)
+    assert list(exported)[:3] == ["diam_labels", "diam_mean", "W2"]
+    assert list(exported)[3:5] == ["encoder.pos_embed", "encoder.patch_embed.proj.weight"]
+    assert list(exported)[-2:] == ["out.weight", "out.bias"]
+    assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in exported.values())
+    loaded = from_cellpose(exported)
+    assert not loaded.training and loaded.cfg == ModelConfig(encoder="tiny")
+    for key, value in to_cellpose(loaded).items():
+        assert torch.equal(value, exported[key]), key
+    x = images(2)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_diameters_round_trip():
+    model = CPSAM(TINY)
+    model.diam_labels.fill_(17.5)
+    exported = to_cellpose(model)
+    assert float(exported["diam_labels"]) == 17.5 and float(exported["diam_mean"]) == 30.0
+    assert float(from_cellpose(exported).diam_labels) == 17.5
+
+
+def test_wrapper_prefixes_are_removed():
+    model = tiny_model()
+    exported = to_cellpose(model)
+    # DDP's "module." (Cellpose's own loader strips it), compile's "_orig_mod.", FSDP1 and
+    # activation checkpointing wrappers.
+    wrapped = {f"module._orig_mod.{k}": v for k, v in exported.items()}
+    assert torch.equal(from_cellpose(wrapped).out.weight, model.out.weight)
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for index, block in enumerate(model.encoder.blocks):
+        model.encoder.blocks[index] = checkpoint_wrapper(block)
+    compiled = torch.compile(model)  # lazy: nothing is compiled until it is called
+    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    for key, value in to_cellpose(compiled).items():
+        assert torch.equal(value, exported[key]), key
+    # The checkpoint wrapper hides its prefix from state_dict() but not from named_parameters().
+    named = dict(compiled.named_parameters()) | dict(compiled.named_buffers())
+    assert any("_checkpoint_wrapped_module" in k for k in named)
+    for key, value in to_cellpose(named).items():
+        assert torch.equal(value, exported[key]), key
+    fsdp1 = unwrap_state_dict({"_fsdp_wrapped_module.encoder._fsdp_wrapped_module.pos_embed": 1})
+    assert fsdp1 == {"encoder.pos_embed": 1}
+    with pytest.raises(ValueError, match="two tensors for 'out.bias'"):
+        unwrap_state_dict({"out.bias": 1, "module.out.bias": 2})
+
+
+def test_from_cellpose_refuses_bad_checkpoints():
+    exported = to_cellpose(CPSAM(TINY))
+    without_w2 = {k: v for k, v in exported.items() if k != "W2"}
+    with pytest.raises(ValueError, match="no W2"):
+        from_cellpose(without_w2)
+    with pytest.raises(ValueError, match="W2"):
+        from_cellpose(exported | {"W2": torch.ones_like(exported["W2"])})
+    with pytest.raises(ValueError, match="CP-DINO"):
+        from_cellpose(exported | {"encoder.cls_token": torch.zeros(1, 1, 64)})
+    with pytest.raises(ValueError, match="unexpected: encoder.extra"):
+        from_cellpose(exported | {"encoder.extra": torch.zeros(1)})
+    with pytest.raises(ValueError, match="missing: encoder.neck.1.bias"):
+        from_cellpose({k: v for k, v in exported.items() if k != "encoder.neck.1.bias"})
+    with pytest.raises(ValueError, match="readout has 64 channels"):
+        from_cellpose(exported | {"out.weight": torch.zeros(64, 64, 1, 1)})
+    with pytest.raises(ValueError, match="encoder='tiny'.*encoder='vit_l'"):
+        from_cellpose(exported, ModelConfig(encoder="vit_l"))
+    # A config with the checkpoint's shape supplies the rest.
+    cfg = ModelConfig(encoder="tiny", layer_drop=0.1)
+    assert from_cellpose(exported, cfg).cfg.layer_drop == 0.1
+
+
+def test_to_cellpose_of_a_bfloat16_model_is_float32():
+    model = tiny_model()
+    exported = to_cellpose(model.to(torch.bfloat16))
+    assert all(v.dtype == torch.float32 for v in exported.values())
+    assert torch.equal(exported["out.weight"], model.out.weight.float())
+
+
+@pytest.mark.reference
+def test_vit_l_layout_matches_cellpose():
+    vit = pytest.importorskip("cellpose.vit")
+    # Built on the meta device: keys, order and shapes, no storage. The expected layout is
+    # Cellpose 4.2.1.1's own CPSAM state_dict (paper.md 2b: 350 tensors).
+    with torch.device("meta"):
+        reference = vit.CPSAM()
+        ours = CPSAM(ModelConfig())
+    expected = reference.state_dict()
+    exported = to_cellpose(ours)
+    assert len(exported) == 350
+    assert list(exported) == list(expected)
+    assert all(exported[k].shape == expected[k].shape for k in expected)
+    reference.load_state_dict(exported, strict=True, assign=True)
+    assert from_cellpose(to_cellpose(ours)).cfg == ModelConfig()
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+def test_parity_with_cellpose_cpsam():
+    vit = pytest.importorskip("cellpose.vit")
+    # The expected outputs are Cellpose 4.2.1.1's CPSAM forward on its own weights (random,
+    # with the zero-initialised position tables randomised too so they take part).
+    torch.manual_seed(0)
+    reference = randomise(vit.CPSAM(), seed=1).eval()
+    state = reference.state_dict()
+    model = from_cellpose(state)
+    x = images(1)
+    with torch.no_grad():
+        expected = reference(x)[0]
+        got = model(x)
+    error = relative_error(got, expected)
+    assert error < 1e-4, error
+    # Training mode: both draw the layer-drop masks from the default CPU generator in the same
+    # way, so the same seed drops the same blocks; seed 3 drops some of the 24 blocks.
+    reference.train()
+    model.train()
+    torch.manual_seed(3)
+    assert sample_layer_drop(1, 24, 0.4).any()
+    with torch.no_grad():
+        torch.manual_seed(3)
+        expected_train = reference(x)[0]
+        torch.manual_seed(3)
+        got_train = model(x)
+    assert relative_error(got_train, expected_train) < 1e-4
+    assert relative_error(expected_train, expected) > 1e-3  # the drop did change the output
+    # Export loads back into Cellpose strictly, unchanged.
+    exported = to_cellpose(model)
+    assert list(exported) == list(state)
+    assert all(torch.equal(exported[k], state[k]) for k in state)
+    reference.load_state_dict(exported, strict=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOPs and parameter counts
+# ------------------------------------------------------------------------------------------------
+
+
+def counted_flops(model: CPSAM, batch: int) -> int:
+    device = model.out.weight.device
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(batch, 3, 256, 256, device=device))
+    return counter.get_total_flops()
+
+
+def test_flops_match_flop_counter():
+    assert counted_flops(CPSAM(TINY).eval(), 2) == 2 * flops_per_image(TINY)
+    # vit_l on the meta device: the counter needs shapes only.
+    with torch.device("meta"):
+        vit_l = CPSAM(ModelConfig()).eval()
+    assert counted_flops(vit_l, 1) == flops_per_image(ModelConfig())
+    assert 7.2e11 < flops_per_image(ModelConfig()) < 7.3e11
+
+
+def counted_non_block_flops(cfg: ModelConfig) -> int:
+    """Patch embedding, neck and readout, counted on a copy with the blocks removed."""
+    with torch.device("meta"):
+        model = CPSAM(cfg).eval()
+    model.encoder.blocks = nn.ModuleList()
+    return counted_flops(model, 1)
+
+
+def test_flops_with_skipped_blocks():
+    cfg = ModelConfig()
+    full = flops_per_image(cfg)
+    outside = counted_non_block_flops(cfg)
+    # Block i runs with probability 1 - 0.4 i / 23: 0.8 of the 24 blocks on average.
+    expected = outside + (full - outside) * (1 - 0.4 / 2)
+    assert math.isclose(flops_per_image(cfg, skip_dropped=True), expected, rel_tol=1e-12)
+    assert flops_per_image(ModelConfig(layer_drop=0.0), skip_dropped=True) == full
+
+
+def test_vit_l_parameter_counts():
+    # paper.md 2a (measured on Cellpose's CPSAM): encoder 304,542,720 incl. the neck (852,992),
+    # readout 49,344, W2 36,864 and two diameter scalars, 304,628,930 in all.
+    with torch.device("meta"):
+        model = CPSAM(ModelConfig())
+
+    def count(tensors):
+        return sum(t.numel() for t in tensors)
+
+    assert count(model.encoder.parameters()) == 304_542_720
+    assert count(model.encoder.neck.parameters()) == 852_992
+    assert count(model.out.parameters()) == 49_344
+    assert count(model.parameters()) == 304_592_064  # all trainable
+    assert count(model.buffers()) == 2  # diam_labels, diam_mean; W2 is not stored
+    exported = to_cellpose(model)
+    assert exported["W2"].numel() == 36_864
+    assert count(exported.values()) == 304_628_930
+
+
+def test_tiny_model_learns():
+    # The tiny config is meant for the demo, so it must be able to fit something: one image of
+    # discs on a 64-pixel grid, with the disc mask as cellprob target and flows pointing to each
+    # disc's centre. The flows depend on where a pixel sits in its disc, so matching them needs
+    # the position embeddings and attention, not just the output biases.
+    torch.manual_seed(0)
+    model = CPSAM(TINY).train()
+    yy, xx = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
+    discs = ((yy % 64 - 32) ** 2 + (xx % 64 - 32) ** 2 < 20**2).float()
+    x = discs.expand(1, 3, 256, 256)
+    flows = torch.stack([-(yy % 64 - 32) / 20, -(xx % 64 - 32) / 20]) * discs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        out = model(x, generator)
+        flow_loss = F.mse_loss(out[:, :2], flows[None])
+        prob_loss = F.binary_cross_entropy_with_logits(out[:, 2], discs[None])
+        optimizer.zero_grad()
+        (flow_loss + prob_loss).backward()
+        optimizer.step()
+    # Baselines: predicting zero flow everywhere, and a constant cellprob at the disc fraction.
+    zero_flow = F.mse_loss(torch.zeros_like(flows), flows)
+    fraction = discs.mean()
+    constant_prob = -(fraction * fraction.log() + (1 - fraction) * (1 - fraction).log())
+    assert flow_loss < 0.7 * zero_flow, (flow_loss, zero_flow)  # 0.042 vs 0.075 when written
+    assert prob_loss < 0.3 * constant_prob, (prob_loss, constant_prob)  # 0.081 vs 0.617
