@@ -36,9 +36,8 @@ class LoopConfig:
     global_batch: int = 256
     """Images per optimizer step over all ranks: per-rank batch x ranks x accumulation steps."""
     epochs: int = 2000
-    """Length of the run in epochs (the LR schedule is defined in epochs)."""
-    samples_per_epoch: int = 22826
-    """Training samples that make one epoch (the stream itself is endless)."""
+    """Length of the run in epochs (the LR schedule is defined in epochs; an epoch is
+    data.samples_per_epoch samples)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (a short run); None runs all epochs."""
     log_every: int = 10
@@ -51,24 +50,14 @@ class LoopConfig:
     """Peak dense TFLOP/s of one device for the MFU estimate; None picks a known GPU's value."""
 
     def __post_init__(self) -> None:
-        for name in ("global_batch", "epochs", "samples_per_epoch", "log_every"):
+        for name in ("global_batch", "epochs", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"loop.{name} must be >= 1; got {getattr(self, name)}")
-        if self.samples_per_epoch < self.global_batch:
-            raise ValueError(
-                f"loop.samples_per_epoch ({self.samples_per_epoch}) is smaller than loop.global_batch "
-                f"({self.global_batch}); an epoch must hold at least one step"
-            )
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"loop.max_steps must be >= 1 or null; got {self.max_steps}")
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.samples_per_epoch // self.global_batch
-
-    @property
-    def total_steps(self) -> int:
-        full = self.epochs * self.steps_per_epoch
+    def total_steps(self, steps_per_epoch: int) -> int:
+        full = self.epochs * steps_per_epoch
         return full if self.max_steps is None else min(full, self.max_steps)
 
 

@@ -44,6 +44,7 @@ import dataclasses
 import logging
 import math
 import random
+import signal
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -651,6 +652,7 @@ class TrainLoader:
             prefetch_factor=self.cfg.prefetch_factor if self.cfg.num_workers else None,
             pin_memory=self.cfg.pin_memory and _pin(),
             in_order=True,  # batches come from workers 0, 1, ... in turn: the step -> worker mapping relies on it
+            worker_init_fn=_ignore_stop_signals,
         )
         return iter(loader)
 
@@ -801,7 +803,16 @@ def build_val_loader(cfg: DataConfig, rank: int, world_size: int) -> DataLoader:
         num_workers=workers,
         prefetch_factor=cfg.prefetch_factor if workers else None,
         pin_memory=cfg.pin_memory and _pin(),
+        worker_init_fn=_ignore_stop_signals,
     )
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers ignore SIGTERM/SIGINT: a scheduler that signals the whole process group (SLURM,
+    Ctrl-C in a terminal) must stop the trainer, which then checkpoints and shuts its workers
+    down; a worker dying first would make the trainer's next batch fail instead."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 __all__ = [

@@ -27,11 +27,11 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from tqdm import tqdm
 
-from pipeline.model import build_model, flops_per_image, load_sam_encoder, to_cellpose
+from pipeline.model import build_model, flops_per_image, to_cellpose
 from train.augment import augment
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig
-from train.data import build_train_loader, build_val_loader
+from train.data import build_train_loader, build_val_loader, steps_per_epoch
 from train.optim import build_optimizer, learning_rate, set_learning_rate
 from train.parallelize import parallelize
 
@@ -92,6 +92,9 @@ class Trainer:
                 f"({cfg.data.batch_size}) x ranks ({self.world}) = {per_step}"
             )
         self.accumulation = cfg.loop.global_batch // per_step
+        # An epoch is data.samples_per_epoch samples (default: every training sample once).
+        self.steps_per_epoch = max(1, steps_per_epoch(cfg.data, self.world) // self.accumulation)
+        self.total_steps = cfg.loop.total_steps(self.steps_per_epoch)
         self.run_dir = Path(cfg.run_dir)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -103,15 +106,14 @@ class Trainer:
             self.model = build_model(cfg.model)
         parallelize(self.model, self.mesh, cfg.parallel)
 
-        # 3. Materialise and initialise: rank 0 builds the full model on the CPU (seeded init,
-        #    then SAM's encoder weights when configured) and broadcasts it into the shards.
+        # 3. Materialise and initialise: rank 0 builds the full model on the CPU (seeded init;
+        #    build_model loads SAM's encoder weights when model.sam_checkpoint is set) and
+        #    broadcasts it into the shards.
         self.model.to_empty(device=self.device)
         full_state = {}
         if self.rank == 0:
             torch.manual_seed(cfg.seed)
             initial = build_model(cfg.model)
-            if cfg.model.sam_checkpoint:
-                load_sam_encoder(initial, cfg.model.sam_checkpoint)
             full_state = initial.state_dict()
             del initial
         set_model_state_dict(
@@ -137,7 +139,8 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
-        self.flops_per_image = flops_per_image(cfg.model)
+        # Training forwards skip the samples a block drops, so count only the work done.
+        self.flops_per_image = flops_per_image(cfg.model, skip_dropped=True)
 
     # --------------------------------------------------------------------------------------------
     # The loop
@@ -152,9 +155,11 @@ class Trainer:
                 log.info("resuming at step %d" if resumed is not None else "no checkpoint to resume; starting at %d",
                          self.step)
         self._install_signal_handlers()
-        total = cfg.loop.total_steps
+        total = self.total_steps
         # The loader counts micro-batches, so a resumed stream starts at step x accumulation.
         loader = iter(build_train_loader(cfg.data, self.rank, self.world, start_step=self.step * self.accumulation))
+        if cfg.loop.val_every and self.step == 0:
+            self._log({"val_loss": self.validate()}, prefix="")  # the starting point of the curve
         progress = tqdm(total=total, initial=self.step, desc="train", unit="step", disable=self.rank != 0)
         window_start, window_steps, window_skipped = time.perf_counter(), 0, 0
         while self.step < total:
@@ -182,7 +187,7 @@ class Trainer:
 
     def train_step(self, batches) -> dict[str, torch.Tensor]:
         """One optimizer step over ``accumulation`` micro-batches; returns device tensors."""
-        lr = learning_rate(self.step, self.cfg.optim, self.cfg.loop.steps_per_epoch, self.cfg.loop.epochs)
+        lr = learning_rate(self.step, self.cfg.optim, self.steps_per_epoch, self.cfg.loop.epochs)
         set_learning_rate(self.optimizer, lr)
         totals = {"loss": 0.0, "flow_loss": 0.0, "cellprob_loss": 0.0}
         for micro, batch in enumerate(batches):
@@ -266,10 +271,12 @@ class Trainer:
         values["images_per_s_per_device"] = images_per_s / self.world
         peak = self._peak_flops()
         if peak:
-            # Forward + backward ~ 3 x the forward FLOPs; layer drop skips work, so this is an
-            # estimate against the full model.
+            # Forward + backward ~ 3 x the forward FLOPs (of the blocks layer drop keeps).
             values["mfu"] = 3 * self.flops_per_image * values["images_per_s_per_device"] / peak
-        values["skipped_samples"] = skipped
+        # Corrupt samples skipped by every rank's loader since the last log line.
+        skipped_total = torch.tensor([float(skipped)], device=self.device)
+        dist.all_reduce(skipped_total)
+        values["skipped_samples"] = int(skipped_total.item())
         if self.device.type == "cuda":
             values["max_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self._log(values)
@@ -299,10 +306,8 @@ class Trainer:
         """The current weights as one file in Cellpose's cpsam layout (a collective)."""
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
-            model = build_model(self.cfg.model)
-            model.load_state_dict(state)
             tmp = path.with_name(path.name + ".tmp")
-            torch.save(to_cellpose(model), tmp)
+            torch.save(to_cellpose(state), tmp)
             os.replace(tmp, path)
             (path.with_suffix(".json")).write_text(json.dumps({"model": self.cfg.to_dict()["model"], "step": self.step}))
             log.info("exported %s", path)
