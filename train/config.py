@@ -121,9 +121,10 @@ def _coerce(tp, value, where: str):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
-        for option in options:
-            if option is type(None):
-                continue
+        real = [option for option in options if option is not type(None)]
+        if len(real) == 1:  # Optional[X]: X's own message says what is wrong
+            return _coerce(real[0], value, where)
+        for option in real:
             try:
                 return _coerce(option, value, where)
             except ValueError:
