@@ -43,8 +43,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import random
-import signal
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -652,7 +652,7 @@ class TrainLoader:
             prefetch_factor=self.cfg.prefetch_factor if self.cfg.num_workers else None,
             pin_memory=self.cfg.pin_memory and _pin(),
             in_order=True,  # batches come from workers 0, 1, ... in turn: the step -> worker mapping relies on it
-            worker_init_fn=_ignore_stop_signals,
+            worker_init_fn=_own_session,
         )
         return iter(loader)
 
@@ -803,16 +803,20 @@ def build_val_loader(cfg: DataConfig, rank: int, world_size: int) -> DataLoader:
         num_workers=workers,
         prefetch_factor=cfg.prefetch_factor if workers else None,
         pin_memory=cfg.pin_memory and _pin(),
-        worker_init_fn=_ignore_stop_signals,
+        worker_init_fn=_own_session,
     )
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers ignore SIGTERM/SIGINT: a scheduler that signals the whole process group (SLURM,
-    Ctrl-C in a terminal) must stop the trainer, which then checkpoints and shuts its workers
-    down; a worker dying first would make the trainer's next batch fail instead."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _own_session(worker_id: int) -> None:
+    """Move a loader worker into a session of its own.
+
+    A stop signal sent to the trainer's whole process group (a scheduler, Ctrl-C, torchrun's
+    SIGTERM to its workers' groups) must reach the trainer, which checkpoints and then shuts its
+    workers down; if it also killed the workers, torch would raise "DataLoader worker is killed"
+    in the middle of the step instead. The workers still exit with their parent (torch's
+    watchdog), and the DataLoader can still terminate them.
+    """
+    os.setsid()
 
 
 __all__ = [

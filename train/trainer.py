@@ -43,6 +43,10 @@ _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 FLOW_SCALE = 5.0
 
 
+# What the ranks agree on before each step (the largest wins).
+_GO, _STOP, _FAILED = 0, 1, 2
+
+
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf; the last good step was checkpointed."""
 
@@ -163,16 +167,21 @@ class Trainer:
         progress = tqdm(total=total, initial=self.step, desc="train", unit="step", disable=self.rank != 0)
         window_start, window_steps, window_skipped = time.perf_counter(), 0, 0
         while self.step < total:
-            batches = [next(loader) for _ in range(self.accumulation)]
+            batches, failure = self._next_batches(loader)
+            # Every rank decides here, at the same point of every step, whether to go on: a stop
+            # signal (SIGTERM/SIGINT) on any rank stops all of them after a checkpoint.
+            decision = self._agree_code(_STOP if self._stop_requested else (_FAILED if failure else _GO))
+            if decision == _FAILED:
+                raise failure or RuntimeError("another rank's data loader failed; see its traceback")
+            if decision == _STOP:
+                log.warning("stop requested: checkpointing step %d and exiting", self.step)
+                self.checkpointer.save(self.step)
+                break
             window_skipped += sum(getattr(b, "skipped", 0) for b in batches)
             parts = self.train_step(batches)
             self.step += 1
             window_steps += 1
             progress.update()
-            if self._agree(self._stop_requested):
-                log.warning("stop requested: checkpointing step %d and exiting", self.step)
-                self.checkpointer.save(self.step)
-                break
             if self.checkpointer.should_save(self.step) or self.step == total:
                 self.checkpointer.save(self.step)
             if cfg.loop.val_every and self.step % cfg.loop.val_every == 0:
@@ -249,6 +258,23 @@ class Trainer:
     def _generator(self, micro: int) -> torch.Generator:
         """Augmentation and layer-drop randomness of (seed, rank, step, micro-batch)."""
         return torch.Generator(self.device).manual_seed(hash_ints((self.cfg.seed, self.rank, self.step, micro)))
+
+    def _next_batches(self, loader) -> tuple[list | None, Exception | None]:
+        """The next step's micro-batches, or the loader's failure."""
+        try:
+            return [next(loader) for _ in range(self.accumulation)], None
+        except RuntimeError as error:
+            # A scheduler that signals the whole process group (SLURM, Ctrl-C) stops the
+            # loader's workers too, which fails the fetch; give this process's own signal
+            # handler a moment to run so that this counts as the stop it is.
+            time.sleep(1.0)
+            return None, error
+
+    def _agree_code(self, code: int) -> int:
+        """The largest ``code`` over all ranks (a collective)."""
+        tensor = torch.tensor([float(code)], device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor.item())
 
     def _agree(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank (a collective)."""
