@@ -40,6 +40,9 @@ class LoopConfig:
     data.samples_per_epoch samples)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (a short run); None runs all epochs."""
+    max_minutes: float | None = None
+    """Stop (with a checkpoint and the export) after this many minutes of training, e.g. inside
+    a scheduler's time limit; None means no limit."""
     log_every: int = 10
     """Steps between log lines; host-device syncs for logging happen only then."""
     val_every: int = 500
@@ -55,6 +58,8 @@ class LoopConfig:
                 raise ValueError(f"loop.{name} must be >= 1; got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"loop.max_steps must be >= 1 or null; got {self.max_steps}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"loop.max_minutes must be > 0 or null; got {self.max_minutes}")
 
     def total_steps(self, steps_per_epoch: int) -> int:
         full = self.epochs * steps_per_epoch

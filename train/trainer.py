@@ -166,15 +166,20 @@ class Trainer:
             self._log({"val_loss": self.validate()}, prefix="")  # the starting point of the curve
         progress = tqdm(total=total, initial=self.step, desc="train", unit="step", disable=self.rank != 0)
         window_start, window_steps, window_skipped = time.perf_counter(), 0, 0
+        deadline = time.monotonic() + 60 * cfg.loop.max_minutes if cfg.loop.max_minutes else math.inf
+        out_of_time = False
         while self.step < total:
             batches, failure = self._next_batches(loader)
             # Every rank decides here, at the same point of every step, whether to go on: a stop
             # signal (SIGTERM/SIGINT) on any rank stops all of them after a checkpoint.
-            decision = self._agree_code(_STOP if self._stop_requested else (_FAILED if failure else _GO))
+            stop = self._stop_requested or time.monotonic() > deadline
+            decision = self._agree_code(_STOP if stop else (_FAILED if failure else _GO))
             if decision == _FAILED:
                 raise failure or RuntimeError("another rank's data loader failed; see its traceback")
             if decision == _STOP:
-                log.warning("stop requested: checkpointing step %d and exiting", self.step)
+                out_of_time = not self._agree(self._stop_requested)
+                log.warning("%s: checkpointing step %d and stopping",
+                            "time limit reached" if out_of_time else "stop requested", self.step)
                 self.checkpointer.save(self.step)
                 break
             window_skipped += sum(getattr(b, "skipped", 0) for b in batches)
@@ -191,7 +196,7 @@ class Trainer:
                 self._log_step(parts, window_steps, elapsed, window_skipped)
                 window_start, window_steps, window_skipped = time.perf_counter(), 0, 0
         progress.close()
-        if self.step == total:
+        if self.step == total or out_of_time:
             self.export(self.run_dir / "model_cellpose.pt")
 
     def train_step(self, batches) -> dict[str, torch.Tensor]:
