@@ -1,0 +1,146 @@
+"""Learning check: does the whole chain learn? (issue 4)
+
+    python scripts/learn_check.py [--out runs/learn_check] [--minutes 25] [--nproc 2]
+
+1. Shards from the real samples in ../shared/data (Cellpose cyto: 20 images; DSB2018 nuclei:
+   the images not held out) plus synthetic images, with sampling weights favouring nuclei.
+2. ``torchrun --nproc_per_node=N train/main.py --config configs/tiny-cpu.yaml`` for at most
+   ``--minutes`` (the run stops with a checkpoint and the export at the limit).
+3. ``python -m infer`` on the held-out DSB images (one image per appearance group from
+   dsb2018/manifest.csv and a fixed share of the rest, never seen in training), then
+   ``python -m infer.evaluate`` against their labels.
+4. Prints AP@0.5/0.75/0.9 and the loss curve, and writes ``<out>/learn_check.json`` and
+   ``<out>/loss_curve.csv``. Goal (issue 4): AP@0.5 >= 0.6 on the held-out DSB nuclei.
+"""
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.io import write_image, write_labels  # noqa: E402
+from shardgen.build import BuildConfig, build_dataset, finalize  # noqa: E402
+from shardgen.datasets import instance_pngs  # noqa: E402
+
+SHARED = Path(os.environ.get("CPSAM_SHARED_DATA", REPO.parent / "shared" / "data"))
+HELD_OUT_FRACTION = 0.25
+WEIGHTS = {"instance_pngs": 0.5, "synthetic": 0.3, "cyto2": 0.2}
+
+
+def split_dsb(root: Path) -> tuple[list[str], list[str]]:
+    """Held-out DSB ids: every 4th image of each appearance group (at least one per group)."""
+    rows = list(csv.DictReader((root / "manifest.csv").open()))
+    groups: dict[str, list[str]] = {}
+    for row in sorted(rows, key=lambda r: r["image_id"]):
+        groups.setdefault(row["appearance_group"], []).append(row["image_id"])
+    held = sorted(ids[i] for ids in groups.values() for i in range(0, len(ids), round(1 / HELD_OUT_FRACTION)))
+    train = sorted(r["image_id"] for r in rows if r["image_id"] not in set(held))
+    return train, held
+
+
+def link_tree(ids: list[str], source: Path, target: Path) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    for image_id in ids:
+        link = target / image_id
+        if not link.exists():
+            link.symlink_to(source / image_id, target_is_directory=True)
+    return target
+
+
+def run(command: list[str], log_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    with log_path.open("w") as log:
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    if result.returncode != 0:
+        sys.exit(f"command failed ({' '.join(command[:4])} ...); see {log_path}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "learn_check")
+    parser.add_argument("--minutes", type=float, default=25.0, help="training time limit")
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--synthetic", type=int, default=200, help="synthetic training images")
+    parser.add_argument("overrides", nargs="*", help="extra training overrides, section.field=value")
+    args = parser.parse_args()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    dsb = SHARED / "dsb2018"
+    if not (dsb / "manifest.csv").is_file() or not (SHARED / "cellpose_cyto").is_dir():
+        sys.exit(f"the real samples are needed: {SHARED} (set CPSAM_SHARED_DATA)")
+
+    # 1. Shards: DSB training part, Cellpose cyto, synthetic; weights favour nuclei.
+    start = time.time()
+    train_ids, held_ids = split_dsb(dsb)
+    dsb_train = link_tree(train_ids, dsb / "stage1_train", out / "sources" / "dsb_train")
+    synthetic = out / "sources" / "synthetic"
+    synthetic.mkdir(parents=True, exist_ok=True)
+    (synthetic / "counts.txt").write_text(f"train {args.synthetic}\ntest 10\n")
+    shards = out / "shards"
+    config = BuildConfig(workers=args.nproc)
+    for name, src in (("instance_pngs", dsb_train), ("cyto2", SHARED / "cellpose_cyto"), ("synthetic", synthetic)):
+        build_dataset(name, src, shards, config=config, finalize_root=False)
+    weights_file = out / "weights_override.yaml"
+    weights_file.write_text("".join(f"{k}: {v}\n" for k, v in WEIGHTS.items()))
+    finalize(shards, weights_file)
+    print(f"shards: {len(train_ids)} DSB + 20 cyto + {args.synthetic} synthetic images ({time.time() - start:.0f} s)")
+
+    # 2. Train for at most --minutes.
+    run_dir = out / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               str(REPO / "train" / "main.py"), "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
+               f"run_dir={run_dir}", f"data.root={shards}", f"loop.max_minutes={args.minutes}",
+               "loop.epochs=100000", "loop.log_every=20", "loop.val_every=0", "checkpoint.every=500",
+               "optim.decay=[]", *args.overrides]
+    start = time.time()
+    run(command, out / "train.log")
+    train_minutes = (time.time() - start) / 60
+    checkpoint = run_dir / "model_cellpose.pt"
+
+    # 3. Inference on the held-out DSB images, then evaluation against their labels.
+    images, truth = out / "held_out" / "images", out / "held_out" / "labels"
+    images.mkdir(parents=True, exist_ok=True)
+    truth.mkdir(parents=True, exist_ok=True)
+    held = set(held_ids)
+    for item in instance_pngs.find_items(dsb / "stage1_train", "all"):
+        if item.source in held:
+            loaded = instance_pngs.load(dsb / "stage1_train", item)
+            write_image(images / f"{item.source}.tif", loaded.image)
+            write_labels(truth / f"{item.source}_masks.tif", loaded.labels)
+    predictions = out / "predictions"
+    run([sys.executable, "-m", "infer", str(images), "--checkpoint", str(checkpoint), "--out", str(predictions),
+         "--overwrite"], out / "infer.log")
+    evaluation = out / "evaluation.csv"
+    run([sys.executable, "-m", "infer.evaluate", "--true", str(truth), "--pred", str(predictions),
+         "--csv", str(evaluation)], out / "evaluate.log")
+
+    # 4. Report.
+    rows = list(csv.DictReader(evaluation.open()))
+    mean = next(r for r in rows if r["pred"] == "mean")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    with (out / "loss_curve.csv").open("w") as f:
+        f.write("step,loss\n" + "".join(f"{s},{v:.5f}\n" for s, v in curve))
+    result = {
+        "held_out_images": len(held_ids), "train_dsb_images": len(train_ids), "train_minutes": round(train_minutes, 1),
+        "steps": curve[-1][0] if curve else 0, "ap50": float(mean["ap@0.5"]), "ap75": float(mean["ap@0.75"]),
+        "ap90": float(mean["ap@0.9"]), "error_rate": float(mean["error_rate@0.5"]), "goal_ap50": 0.6,
+        "loss_first": curve[0][1] if curve else None, "loss_last": float(np.mean([v for _, v in curve[-5:]])) if curve else None,
+    }
+    (out / "learn_check.json").write_text(json.dumps(result, indent=1))
+    print("loss curve (step: loss):", ", ".join(f"{s}: {v:.2f}" for s, v in curve[:: max(1, len(curve) // 12)]))
+    print(json.dumps(result))
+    return 0 if result["ap50"] >= 0.6 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
