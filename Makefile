@@ -8,7 +8,7 @@ SHARDS ?= shards
 DATA_ROOT ?=
 WORKERS ?= $(shell nproc)
 
-.PHONY: install demo shards test test-fast bench clean
+.PHONY: install demo shards test test-fast bench learn-check clean
 
 install: $(STAMP)
 
@@ -43,6 +43,11 @@ bench: install
 	$(BIN)/python -m benchmarks.bench_flows
 	$(BIN)/python -m benchmarks.bench_masks
 	$(BIN)/python -m benchmarks.bench_shardgen
+
+# Issue 4's learning check: the tiny model trained on CPU on ../shared/data (Cellpose cyto, DSB
+# nuclei) and synthetic images, then scored on held-out DSB images (goal AP@0.5 >= 0.6).
+learn-check: install
+	$(BIN)/python scripts/learn_check.py --out runs/learn_check
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) $(SHARDS) .pytest_cache .hypothesis

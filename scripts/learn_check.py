@@ -17,17 +17,18 @@ import argparse
 import csv
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pipeline.io import write_image, write_labels  # noqa: E402
+from chain import REPO, curves, infer_and_evaluate, train  # noqa: E402
+from figure import render_figure  # noqa: E402
+from pipeline.io import read_image, write_image, write_labels  # noqa: E402
 from shardgen.build import BuildConfig, build_dataset, finalize  # noqa: E402
 from shardgen.datasets import instance_pngs  # noqa: E402
 
@@ -54,14 +55,6 @@ def link_tree(ids: list[str], source: Path, target: Path) -> Path:
         if not link.exists():
             link.symlink_to(source / image_id, target_is_directory=True)
     return target
-
-
-def run(command: list[str], log_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    with log_path.open("w") as log:
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    if result.returncode != 0:
-        sys.exit(f"command failed ({' '.join(command[:4])} ...); see {log_path}")
 
 
 def main() -> int:
@@ -94,17 +87,11 @@ def main() -> int:
     finalize(shards, weights_file)
     print(f"shards: {len(train_ids)} DSB + 20 cyto + {args.synthetic} synthetic images ({time.time() - start:.0f} s)")
 
-    # 2. Train for at most --minutes.
+    # 2. Train for at most --minutes (validation on the synthetic test split for the curve).
     run_dir = out / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               str(REPO / "train" / "main.py"), "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
-               f"run_dir={run_dir}", f"data.root={shards}", f"loop.max_minutes={args.minutes}",
-               "loop.epochs=100000", "loop.log_every=20", "loop.val_every=0", "checkpoint.every=500",
-               "optim.decay=[]", *args.overrides]
-    start = time.time()
-    run(command, out / "train.log")
-    train_minutes = (time.time() - start) / 60
-    checkpoint = run_dir / "model_cellpose.pt"
+    overrides = ["loop.epochs=100000", "loop.log_every=20", "loop.val_every=200", "loop.val_batches=2",
+                 "checkpoint.every=500", "optim.decay=[]", *args.overrides]
+    train_minutes = train(shards, run_dir, args.minutes, args.nproc, overrides, out / "train.log")
 
     # 3. Inference on the held-out DSB images, then evaluation against their labels.
     images, truth = out / "held_out" / "images", out / "held_out" / "labels"
@@ -116,29 +103,33 @@ def main() -> int:
             loaded = instance_pngs.load(dsb / "stage1_train", item)
             write_image(images / f"{item.source}.tif", loaded.image)
             write_labels(truth / f"{item.source}_masks.tif", loaded.labels)
-    predictions = out / "predictions"
-    run([sys.executable, "-m", "infer", str(images), "--checkpoint", str(checkpoint), "--out", str(predictions),
-         "--overwrite"], out / "infer.log")
-    evaluation = out / "evaluation.csv"
-    run([sys.executable, "-m", "infer.evaluate", "--true", str(truth), "--pred", str(predictions),
-         "--csv", str(evaluation)], out / "evaluate.log")
+    rows = infer_and_evaluate(images, truth, run_dir / "model_cellpose.pt", out)
 
-    # 4. Report.
-    rows = list(csv.DictReader(evaluation.open()))
+    # 4. Report: numbers, the loss curve as CSV, and a figure.
     mean = next(r for r in rows if r["pred"] == "mean")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    curve = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    curve = curves(run_dir)
+    train_curve = curve.get("train loss", [])
     with (out / "loss_curve.csv").open("w") as f:
-        f.write("step,loss\n" + "".join(f"{s},{v:.5f}\n" for s, v in curve))
+        f.write("step,loss\n" + "".join(f"{s},{v:.5f}\n" for s, v in train_curve))
     result = {
         "held_out_images": len(held_ids), "train_dsb_images": len(train_ids), "train_minutes": round(train_minutes, 1),
-        "steps": curve[-1][0] if curve else 0, "ap50": float(mean["ap@0.5"]), "ap75": float(mean["ap@0.75"]),
-        "ap90": float(mean["ap@0.9"]), "error_rate": float(mean["error_rate@0.5"]), "goal_ap50": 0.6,
-        "loss_first": curve[0][1] if curve else None, "loss_last": float(np.mean([v for _, v in curve[-5:]])) if curve else None,
+        "steps": train_curve[-1][0] if train_curve else 0, "ap50": float(mean["ap@0.5"]),
+        "ap75": float(mean["ap@0.75"]), "ap90": float(mean["ap@0.9"]), "error_rate": float(mean["error_rate@0.5"]),
+        "goal_ap50": 0.6, "loss_first": train_curve[0][1] if train_curve else None,
+        "loss_last": float(np.mean([v for _, v in train_curve[-5:]])) if train_curve else None,
+        "validation_loss": curve.get("validation loss", []), "overrides": args.overrides,
     }
     (out / "learn_check.json").write_text(json.dumps(result, indent=1))
-    print("loss curve (step: loss):", ", ".join(f"{s}: {v:.2f}" for s, v in curve[:: max(1, len(curve) // 12)]))
-    print(json.dumps(result))
+    scored = sorted((r for r in rows if r["pred"] != "mean"), key=lambda r: -int(r["n_true"]))[:4]
+    panels = [(f"{int(r['n_true'])} nuclei: AP@0.5 {float(r['ap@0.5']):.2f}",
+               read_image(out / "predictions" / Path(r["pred"]).name.replace("_masks.tif", "_outlines.png"))[..., :3])
+              for r in scored]
+    title = (f"learning check: tiny CP-SAM, {train_minutes:.0f} min on {args.nproc} CPU processes; "
+             f"{len(held_ids)} held-out DSB images, AP@0.5 {result['ap50']:.2f} (goal 0.6)")
+    Image.fromarray(render_figure(panels, curve, title)).save(out / "learn_check.png")
+    print("loss curve (step: loss):", ", ".join(f"{s}: {v:.2f}" for s, v in train_curve[:: max(1, len(train_curve) // 12)]))
+    print(json.dumps({k: v for k, v in result.items() if k != "validation_loss"}))
+    print(f"figure: {out / 'learn_check.png'}")
     return 0 if result["ap50"] >= 0.6 else 1
 
 

@@ -77,6 +77,11 @@ class DataConfig:
 
     root: str = "shards"
     """Shard root written by shardgen: ``<root>/<dataset>/*.tar``, manifest.parquet, weights.yaml."""
+    shard_url: str | None = None
+    """Where the shards themselves are read from, when not under ``root``: a template with
+    ``{shard}`` (the manifest's path of a shard relative to the root) that webdataset opens, e.g.
+    ``pipe:aws s3 cp s3://bucket/shards/{shard} -`` or ``pipe:curl -sfL https://host/shards/{shard}``.
+    The manifest and weights (a few MB) are still read from ``root``; None reads ``root/{shard}``."""
     weights_file: str | None = None
     """Sampling weights to use instead of ``<root>/weights.yaml`` (same format: a ``weights:``
     mapping, or a bare mapping, of "dataset" or "dataset/subset" to a non-negative number)."""
@@ -128,6 +133,8 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"DataConfig.{name} must be None or an integer >= 1; got {value!r}")
+        if self.shard_url is not None and "{shard}" not in self.shard_url:
+            raise ValueError(f"DataConfig.shard_url must contain {{shard}}; got {self.shard_url!r}")
         if not self.val_splits or not all(isinstance(s, str) and s for s in self.val_splits):
             raise ValueError(f"DataConfig.val_splits must be a non-empty tuple of split names; got {self.val_splits!r}")
         trained = sorted(set(self.val_splits) & set(TRAIN_SPLITS))
@@ -267,14 +274,21 @@ def _train_groups(cfg: DataConfig) -> tuple[_Group, ...]:
             continue
         shards = sorted(sizes[key])
         for shard in shards:
-            if not (root / shard).is_file():
+            if cfg.shard_url is None and not (root / shard).is_file():
                 raise FileNotFoundError(
                     f"{root / shard} is listed in {MANIFEST_FILE} but missing; check the root with "
                     f"python -m shardgen verify {root}"
                 )
-        paths = tuple(str(root / s) for s in shards)
+        paths = tuple(_shard_url(cfg, root, s) for s in shards)
         groups.append(_Group(key, weights[key] / total, paths, tuple(sizes[key][s] for s in shards)))
     return tuple(groups)
+
+
+def _shard_url(cfg: DataConfig, root: Path, shard: str) -> str:
+    """What webdataset opens for a shard listed in the manifest (see DataConfig.shard_url)."""
+    if cfg.shard_url is None:
+        return str(root / shard)
+    return cfg.shard_url.replace("{shard}", shard)
 
 
 def train_weights(cfg: DataConfig) -> dict[str, float]:
@@ -723,7 +737,7 @@ def _val_batches(cfg: DataConfig, rank: int, world_size: int) -> list[list[_Ref]
     per_group: dict[str, list[_Ref]] = defaultdict(list)
     for row in _read_manifest(root, cfg.val_splits):
         group = group_key(row["dataset"], row["subset"])
-        per_group[group].append(_Ref(str(root / row["shard"]), row["key"], group))
+        per_group[group].append(_Ref(_shard_url(cfg, root, row["shard"]), row["key"], group))
     refs = []
     for group in sorted(per_group):
         refs += sorted(per_group[group], key=lambda r: r.key)[: cfg.val_limit]

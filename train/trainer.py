@@ -38,6 +38,7 @@ from train.parallelize import parallelize
 log = logging.getLogger(__name__)
 
 # Peak dense bf16 TFLOP/s per device, for the MFU estimate when loop.peak_tflops is unset.
+_LOSS_PARTS = ("loss", "flow_loss", "cellprob_loss")
 _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 # The network predicts 5 x the unit flows (paper.md 1b).
 FLOW_SCALE = 5.0
@@ -166,6 +167,7 @@ class Trainer:
             self._log({"val_loss": self.validate()}, prefix="")  # the starting point of the curve
         progress = tqdm(total=total, initial=self.step, desc="train", unit="step", disable=self.rank != 0)
         window_start, window_steps, window_skipped = time.perf_counter(), 0, 0
+        window_losses = None  # device tensor: sums of (loss, flow_loss, cellprob_loss) since the last log
         deadline = time.monotonic() + 60 * cfg.loop.max_minutes if cfg.loop.max_minutes else math.inf
         out_of_time = False
         while self.step < total:
@@ -184,6 +186,8 @@ class Trainer:
                 break
             window_skipped += sum(getattr(b, "skipped", 0) for b in batches)
             parts = self.train_step(batches)
+            step_losses = torch.stack([parts[k] for k in _LOSS_PARTS])
+            window_losses = step_losses if window_losses is None else window_losses + step_losses
             self.step += 1
             window_steps += 1
             progress.update()
@@ -193,8 +197,9 @@ class Trainer:
                 self._log({"val_loss": self.validate()}, prefix="")
             if self.step % cfg.loop.log_every == 0 or self.step == total:
                 elapsed = time.perf_counter() - window_start
-                self._log_step(parts, window_steps, elapsed, window_skipped)
+                self._log_step(parts, window_losses, window_steps, elapsed, window_skipped)
                 window_start, window_steps, window_skipped = time.perf_counter(), 0, 0
+                window_losses = None
         progress.close()
         if self.step == total or out_of_time:
             self.export(self.run_dir / "model_cellpose.pt")
@@ -294,9 +299,14 @@ class Trainer:
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
 
-    def _log_step(self, parts: dict, steps: int, seconds: float, skipped: int) -> None:
-        # Host sync: only at log intervals.
-        values = {k: float(v) for k, v in parts.items()}
+    def _log_step(self, parts: dict, losses: torch.Tensor, steps: int, seconds: float, skipped: int) -> None:
+        """Log the window since the last log line: the loss parts are its mean over the steps and
+        the ranks (one batch's loss swings with what its crops hold); grad norm and lr are the
+        last step's. Host sync and one all-reduce, only at log intervals."""
+        losses = losses.detach().float() / (steps * self.world)
+        dist.all_reduce(losses)
+        values = {k: float(v) for k, v in parts.items() if k not in _LOSS_PARTS}
+        values |= {k: float(v) for k, v in zip(_LOSS_PARTS, losses)}
         images_per_s = steps * self.cfg.loop.global_batch / max(seconds, 1e-9)
         values["images_per_s"] = images_per_s
         values["images_per_s_per_device"] = images_per_s / self.world

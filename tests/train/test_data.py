@@ -372,6 +372,24 @@ def test_validation_yields_every_held_out_sample_exactly_once(root, world_size, 
     assert len(set(batch_counts)) == 1  # the same number of batches on every rank (FSDP)
 
 
+def test_shards_read_through_a_pipe_url_template(root, tmp_path):
+    """Shards elsewhere (object storage), only the manifest and weights under data.root: a
+    ``pipe:`` template gives the same batches as reading the files."""
+    local = tmp_path / "root"
+    local.mkdir()
+    for name in ("manifest.parquet", "weights.yaml"):
+        (local / name).write_bytes((root / name).read_bytes())
+    piped = config(local, shard_url=f"pipe:cat {root}/{{shard}}", batch_size=3)
+    for a, b in zip(take(build_train_loader(config(root, batch_size=3), rank=0, world_size=1), 4),
+                    take(build_train_loader(piped, rank=0, world_size=1), 4), strict=True):
+        assert_batches_equal(a, b)
+    val = [b.keys for b in build_val_loader(piped, rank=0, world_size=1)]
+    assert val == [b.keys for b in build_val_loader(config(root, batch_size=3), rank=0, world_size=1)]
+    # Without the template, the missing local files are named.
+    with pytest.raises(FileNotFoundError, match="missing"):
+        build_train_loader(config(local), rank=0, world_size=1)
+
+
 # ------------------------------------------------------------------------------------------------
 # Batch layout
 # ------------------------------------------------------------------------------------------------
@@ -440,7 +458,7 @@ def test_batch_to_moves_every_tensor(root):
 @pytest.mark.parametrize("bad", [
     dict(batch_size=0), dict(num_workers=-1), dict(max_side=0), dict(shuffle_buffer=0), dict(chunk_steps=0),
     dict(seed=-1), dict(samples_per_epoch=0), dict(val_limit=0), dict(val_splits=()), dict(val_splits=("train",)),
-    dict(batch_size=2.5),
+    dict(batch_size=2.5), dict(shard_url="pipe:cat /shards/x.tar"),
 ])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):

@@ -1,0 +1,67 @@
+"""The stages run the way a user runs them, as separate commands: what the demo and the learning
+check share.
+
+Training and inference are started as subprocesses (``torchrun ... train/main.py``, ``python -m
+infer``, ``python -m infer.evaluate``) so that these scripts exercise the same entry points as
+the README, and their output goes to a log file per command under the run's folder.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(command: list[str], log_path: Path) -> None:
+    """Run ``command`` from the repository root with its output in ``log_path``; exit on failure
+    with the log's last lines."""
+    # Small machines: torch's and numba's OpenMP pools must not spin against each other.
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log:
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    if result.returncode != 0:
+        tail = log_path.read_text(errors="replace").replace("\r", "\n").strip().splitlines()[-15:]
+        sys.exit(f"command failed (exit {result.returncode}): {' '.join(command)}\n"
+                 + "\n".join(tail) + f"\n(full output: {log_path})")
+
+
+def train(shards: Path, run_dir: Path, minutes: float, nproc: int, overrides: list[str], log_path: Path) -> float:
+    """``torchrun --nproc_per_node=nproc train/main.py --config configs/tiny-cpu.yaml`` on
+    ``shards`` until ``minutes`` have passed (the trainer then checkpoints and exports
+    ``run_dir/model_cellpose.pt``); returns the minutes it took."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(REPO / "train" / "main.py"), "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
+               f"run_dir={run_dir}", f"data.root={shards}", f"loop.max_minutes={minutes}", *overrides]
+    start = time.time()
+    print(f"training for {minutes:g} min on {nproc} CPU processes (log: {log_path}) ...", flush=True)
+    run(command, log_path)
+    return (time.time() - start) / 60
+
+
+def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Training and validation loss by step, from the run's metrics.jsonl."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    found = {
+        "train loss": [(r["step"], r["loss"]) for r in records if "loss" in r],
+        "validation loss": [(r["step"], r["val_loss"]) for r in records if "val_loss" in r],
+    }
+    return {name: values for name, values in found.items() if values}
+
+
+def infer_and_evaluate(images: Path, truth: Path, checkpoint: Path, out: Path, extra: list[str] = ()) -> list[dict]:
+    """``python -m infer`` on ``images`` into ``out/predictions`` (with outline overlays), then
+    ``python -m infer.evaluate`` against ``truth``; returns the evaluation rows (the last one
+    has ``pred == "mean"``)."""
+    predictions = out / "predictions"
+    run([sys.executable, "-m", "infer", str(images), "--checkpoint", str(checkpoint), "--out", str(predictions),
+         "--overwrite", "--save-outlines", *extra], out / "infer.log")
+    evaluation = out / "evaluation.csv"
+    run([sys.executable, "-m", "infer.evaluate", "--true", str(truth), "--pred", str(predictions),
+         "--csv", str(evaluation)], out / "evaluate.log")
+    return list(csv.DictReader(evaluation.open()))
