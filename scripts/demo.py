@@ -22,6 +22,7 @@ Everything it writes opens in Fiji and napari (TIFF masks, PNG overlays). Takes 
 
 import argparse
 import csv
+import json
 import sys
 import time
 from collections import defaultdict
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
         writer.writeheader()
         writer.writerows({"kind": kind, **values} for kind, values in summary.items())
 
-    steps = curves(run_dir)["train loss"][-1][0]
+    steps = json.loads((run_dir / "model_cellpose.json").read_text())["step"]
     title = (f"tiny CP-SAM, {minutes:.1f} min / {steps} steps on {args.nproc} CPU processes; held-out synthetic "
              f"images, AP@0.5 {summary['all']['ap@0.5']:.2f} (outlines: prediction)")
     path = figure(out, rows, kinds, run_dir, title)

@@ -46,16 +46,20 @@ def _ticks(low: float, high: float, count: int = 4) -> list[float]:
 
 
 def _log_ticks(low: float, high: float) -> list[float]:
-    """1-2-5 ticks spanning [low, high] (both > 0), for a log axis."""
-    ticks = [m * 10**k for k in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1) for m in (1, 2, 5)]
-    inside = [t for t in ticks if low <= t <= high]
+    """Round ticks spanning [low, high] (both > 0) for a log axis: 1-2-5 per decade, finer
+    mantissas when the range is short, the two ends when even those miss it."""
+    decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+    for mantissas in ((1, 2, 5), (1, 2, 3, 5), (1, 1.5, 2, 3, 4, 5, 6, 8)):
+        inside = [round(m * 10**k, 12) for k in decades for m in mantissas if low <= m * 10**k <= high]
+        if len(inside) >= 3:
+            return inside
     return inside if len(inside) >= 2 else [low, high]
 
 
 def _draw_curves(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], curves: dict, font) -> None:
     """Lines of (x, y) points in box = (left, top, right, bottom), log y axis, with a legend."""
     left, top, right, bottom = box
-    plot = (left + 46, top + 8, right - 8, bottom - 40)
+    plot = (left + 46, top + 4 + 16 * len(curves), right - 8, bottom - 40)  # legend above the plot
     points = [(x, y) for values in curves.values() for x, y in values if y > 0 and math.isfinite(y)]
     draw.rectangle(plot, outline=(0, 0, 0))
     if not points:
@@ -89,7 +93,7 @@ def _draw_curves(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], curv
             draw.line(line, fill=colour, width=2)
         for u, v in line if len(line) < 30 else []:
             draw.ellipse([u - 3, v - 3, u + 3, v + 3], fill=colour)
-        draw.text((plot[2] - 6, plot[1] + 6 + 16 * index), name, fill=colour, font=font, anchor="ra")
+        draw.text((plot[2], top + 16 * index), name, fill=colour, font=font, anchor="ra")
 
 
 def render_figure(panels: list[tuple[str, np.ndarray]], curves: dict[str, list[tuple[float, float]]],

@@ -34,7 +34,7 @@ from shardgen.datasets import instance_pngs  # noqa: E402
 
 SHARED = Path(os.environ.get("CPSAM_SHARED_DATA", REPO.parent / "shared" / "data"))
 HELD_OUT_FRACTION = 0.25
-WEIGHTS = {"instance_pngs": 0.5, "synthetic": 0.3, "cyto2": 0.2}
+WEIGHTS = {"instance_pngs": 0.7, "synthetic": 0.2, "cyto2": 0.1}
 
 
 def split_dsb(root: Path) -> tuple[list[str], list[str]]:

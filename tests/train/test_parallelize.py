@@ -1,0 +1,79 @@
+"""train.parallelize on a real one-process gloo group: FSDP2 alone, with activation
+checkpointing, and with torch.compile, computes what the plain model computes (forward and
+gradients), and the wrapped model still exports to Cellpose's layout with the plain model's
+weights. The two-process runs of the whole trainer are in test_main.py."""
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+
+from pipeline.model import CPSAM, ModelConfig, to_cellpose
+from train.parallelize import ParallelConfig, parallelize
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield init_device_mesh("cpu", (1,))
+    dist.destroy_process_group()
+
+
+def plain_model() -> CPSAM:
+    torch.manual_seed(0)
+    return CPSAM(ModelConfig(encoder="tiny", layer_drop=0.0)).train()
+
+
+def forward_backward(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    out = model(x)
+    (out[:, :2].square().mean() + out[:, 2].sigmoid().mean()).backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        grads[name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")] = grad
+    return out.detach(), grads
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        pytest.param(ParallelConfig(), id="fsdp"),
+        pytest.param(ParallelConfig(activation_checkpointing=True), id="fsdp+activation_checkpointing"),
+        pytest.param(ParallelConfig(activation_checkpointing=True, compile=True), id="fsdp+ac+compile",
+                     marks=pytest.mark.slow),
+    ],
+)
+def test_wrapped_model_computes_what_the_plain_model_computes(mesh, cfg):
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    reference = plain_model()
+    expected_out, expected_grads = forward_backward(reference, x)
+
+    wrapped = parallelize(copy.deepcopy(plain_model()), mesh, cfg)
+    if cfg.activation_checkpointing:
+        assert all("CheckpointWrapper" in type(getattr(b, "_orig_mod", b)).__name__ for b in wrapped.encoder.blocks)
+    if cfg.compile:
+        assert all(hasattr(b, "_orig_mod") for b in wrapped.encoder.blocks)
+    out, grads = forward_backward(wrapped, x)
+    # Compiled kernels reorder float sums; everything else is the same arithmetic.
+    tol = dict(rtol=1e-4, atol=1e-5) if cfg.compile else dict(rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out, expected_out, **tol)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], **tol, msg=name)
+
+    # The export sees through every wrapper: the plain model's weights in Cellpose's layout.
+    state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    exported, expected = to_cellpose(state), to_cellpose(plain_model())
+    assert exported.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(exported[key], expected[key], rtol=0, atol=0, msg=key)
