@@ -1,10 +1,11 @@
 """The whole chain on the embedded default (synthetic images), on the CPU: ``make demo``.
 
     python scripts/demo.py [--out demo_out] [--minutes 6] [--nproc 2] [--n-train 400] [--n-test 20]
+                           [--kinds nuclei ...]
 
-1. shardgen: synthetic images of five kinds (fluorescent nuclei, two-channel cytoplasm, phase
-   contrast, H&E, rod-shaped bacteria) -> heat-diffusion flows -> WebDataset shards, manifest
-   and weights (``<out>/shards``), then ``verify``;
+1. shardgen: synthetic images (by default fluorescent nuclei; ``--kinds`` adds two-channel
+   cytoplasm, phase contrast, H&E, rod-shaped bacteria) -> heat-diffusion flows -> WebDataset
+   shards, manifest and weights (``<out>/shards``), then ``verify``;
 2. ``torchrun --nproc_per_node=2 train/main.py --config configs/tiny-cpu.yaml`` on those shards
    for ``--minutes`` (a tiny encoder of the paper's structure; the run stops with a checkpoint
    and exports ``<out>/run/model_cellpose.pt`` in Cellpose's layout);
@@ -17,7 +18,9 @@
    curves.
 
 Everything it writes opens in Fiji and napari (TIFF masks, PNG overlays). Takes about
-``--minutes`` + 2 minutes on 2 cores.
+``--minutes`` + 1 minute on 2 cores. The model starts from random weights and learns slowly (see
+the learning check in docs/BENCHMARKS.md): a few minutes on a CPU give rough masks of the
+simplest kind, fluorescent nuclei; all five kinds need far longer.
 """
 
 import argparse
@@ -39,21 +42,25 @@ from chain import curves, infer_and_evaluate, train  # noqa: E402
 from figure import render_figure  # noqa: E402
 from pipeline.io import read_image, write_image, write_labels  # noqa: E402
 from pipeline.shards import decode_sample  # noqa: E402
+from pipeline.synthetic import KINDS  # noqa: E402
 from shardgen.build import BuildConfig, build_dataset  # noqa: E402
 from shardgen.verify import verify  # noqa: E402
 
 # Training overrides of configs/tiny-cpu.yaml for a run of a few minutes: no lr decay (the run
-# ends on the clock, not at an epoch count), validation on the test split every 100 steps for the
-# curve, a checkpoint only at the end.
-TRAIN_OVERRIDES = ["loop.epochs=100000", "optim.decay=[]", "loop.log_every=20", "loop.val_every=100",
-                   "loop.val_batches=3", "checkpoint.every=100000"]
+# ends on the clock, not at an epoch count), the learning check's lr, validation on the test
+# split every 100 steps for the curve, a checkpoint only at the end.
+TRAIN_OVERRIDES = ["loop.epochs=100000", "optim.decay=[]", "optim.lr=2e-3", "loop.log_every=20",
+                   "loop.val_every=100", "loop.val_batches=3", "checkpoint.every=100000"]
 
 
-def make_shards(out: Path, n_train: int, n_test: int, workers: int) -> Path:
+PANELS = 4  # test images in the figure (at least one per kind)
+
+
+def make_shards(out: Path, n_train: int, n_test: int, kinds: list[str], workers: int) -> Path:
     """Stage 1: the synthetic dataset through shardgen, then verify what was written."""
     src = out / "synthetic_src"
     src.mkdir(parents=True, exist_ok=True)
-    (src / "counts.txt").write_text(f"train {n_train}\ntest {n_test}\n")
+    (src / "counts.txt").write_text(f"train {n_train}\ntest {n_test}\nkinds {' '.join(kinds)}\n")
     shards = out / "shards"
     start = time.time()
     summary = build_dataset("synthetic", src, shards, config=BuildConfig(workers=workers))
@@ -106,15 +113,16 @@ def print_summary(summary: dict[str, dict]) -> None:
 
 
 def figure(out: Path, rows: list[dict], kinds: dict[str, str], run_dir: Path, title: str) -> Path:
-    """One test image per kind with its predicted outlines (infer's overlay PNGs), and the loss."""
+    """Test images with their predicted outlines (infer's overlay PNGs): the first of each kind,
+    then the next ones up to ``PANELS``; and the loss curves."""
     ap = {Path(r["true"]).name.removesuffix("_masks.tif"): float(r["ap@0.5"]) for r in rows if r["pred"] != "mean"}
-    panels, seen = [], set()
-    for name in sorted(kinds):
+    first_of_kind = {kinds[name]: name for name in sorted(kinds, reverse=True)}
+    names = sorted(first_of_kind.values()) + sorted(set(kinds) - set(first_of_kind.values()))
+    panels = []
+    for name in names[:max(PANELS, len(first_of_kind))]:
         overlay = out / "predictions" / f"{name}_outlines.png"
-        if kinds[name] in seen or not overlay.is_file():
-            continue
-        seen.add(kinds[name])
-        panels.append((f"{kinds[name]}: AP@0.5 {ap.get(name, float('nan')):.2f}", read_image(overlay)[..., :3]))
+        if overlay.is_file():
+            panels.append((f"{kinds[name]}: AP@0.5 {ap.get(name, float('nan')):.2f}", read_image(overlay)[..., :3]))
     path = out / "demo.png"
     Image.fromarray(render_figure(panels, curves(run_dir), title)).save(path)
     return path
@@ -127,13 +135,14 @@ def main(argv=None) -> int:
     parser.add_argument("--nproc", type=int, default=2, help="torchrun processes (CPU ranks)")
     parser.add_argument("--n-train", type=int, default=400, help="synthetic training images")
     parser.add_argument("--n-test", type=int, default=20, help="held-out synthetic test images (kinds cycle)")
+    parser.add_argument("--kinds", nargs="+", default=["nuclei"], choices=KINDS, help="kinds of synthetic image")
     parser.add_argument("overrides", nargs="*", help="extra training overrides, section.field=value")
     args = parser.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
 
-    shards = make_shards(out, args.n_train, args.n_test, workers=args.nproc)
+    shards = make_shards(out, args.n_train, args.n_test, args.kinds, workers=args.nproc)
     run_dir = out / "run"
     minutes = train(shards, run_dir, args.minutes, args.nproc, TRAIN_OVERRIDES + args.overrides, out / "train.log")
     kinds = export_test_split(shards, out)
@@ -145,8 +154,8 @@ def main(argv=None) -> int:
         writer.writerows({"kind": kind, **values} for kind, values in summary.items())
 
     steps = json.loads((run_dir / "model_cellpose.json").read_text())["step"]
-    title = (f"tiny CP-SAM, {minutes:.1f} min / {steps} steps on {args.nproc} CPU processes; held-out synthetic "
-             f"images, AP@0.5 {summary['all']['ap@0.5']:.2f} (outlines: prediction)")
+    title = (f"tiny CP-SAM from random weights, {minutes:.1f} min / {steps} steps on {args.nproc} CPU processes; "
+             f"held-out synthetic images, AP@0.5 {summary['all']['ap@0.5']:.2f} (red: predicted outlines)")
     path = figure(out, rows, kinds, run_dir, title)
     print()
     print_summary(summary)

@@ -101,11 +101,13 @@ def render_figure(panels: list[tuple[str, np.ndarray]], curves: dict[str, list[t
     """(H, W, 3) uint8: ``panels`` ((caption, (h, w, 3) uint8) each) side by side, then a panel
     with ``curves`` (name -> [(step, value)], drawn on a log scale), and ``title`` above."""
     images = [(caption, _fit(panel)) for caption, panel in panels]
+    font, title_font = _font(13), _font(16)
+    title_width = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=title_font)
     width = MARGIN + sum(image.width + MARGIN for _, image in images) + CURVE[0] + MARGIN
+    width = max(width, math.ceil(title_width) + 2 * MARGIN)
     height = CAPTION + PANEL + CAPTION + MARGIN
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    font, title_font = _font(13), _font(16)
     draw.text((MARGIN, 6), title, fill=(0, 0, 0), font=title_font)
     x = MARGIN
     for caption, image in images:
