@@ -54,7 +54,7 @@ def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {name: values for name, values in found.items() if values}
 
 
-def infer_and_evaluate(images: Path, truth: Path, checkpoint: Path, out: Path, extra: list[str] = ()) -> list[dict]:
+def infer_and_evaluate(images: Path, truth: Path, checkpoint: Path, out: Path, extra: tuple[str, ...] = ()) -> list[dict]:
     """``python -m infer`` on ``images`` into ``out/predictions`` (with outline overlays), then
     ``python -m infer.evaluate`` against ``truth``; returns the evaluation rows (the last one
     has ``pred == "mean"``)."""

@@ -9,8 +9,10 @@
 3. ``python -m infer`` on the held-out DSB images (one image per appearance group from
    dsb2018/manifest.csv and a fixed share of the rest, never seen in training), then
    ``python -m infer.evaluate`` against their labels.
-4. Prints AP@0.5/0.75/0.9 and the loss curve, and writes ``<out>/learn_check.json`` and
-   ``<out>/loss_curve.csv``. Goal (issue 4): AP@0.5 >= 0.6 on the held-out DSB nuclei.
+4. Prints AP@0.5/0.75/0.9 and the loss curve, and writes ``<out>/learn_check.json``,
+   ``<out>/loss_curve.csv`` and ``<out>/learn_check.png`` (the four held-out images with the most
+   nuclei, predicted outlines, loss curves). Goal (issue 4): AP@0.5 >= 0.6 on the held-out DSB
+   nuclei; the exit code is 1 below it. Runs and results: docs/BENCHMARKS.md.
 """
 
 import argparse

@@ -37,8 +37,9 @@ from train.parallelize import parallelize
 
 log = logging.getLogger(__name__)
 
-# Peak dense bf16 TFLOP/s per device, for the MFU estimate when loop.peak_tflops is unset.
+# The parts of the training loss that are logged as means over each log window.
 _LOSS_PARTS = ("loss", "flow_loss", "cellprob_loss")
+# Peak dense bf16 TFLOP/s per device, for the MFU estimate when loop.peak_tflops is unset.
 _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 # The network predicts 5 x the unit flows (paper.md 1b).
 FLOW_SCALE = 5.0
