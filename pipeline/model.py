@@ -12,6 +12,11 @@ Cellpose-SAM changes it (paper.md 2a):
   SAM shapes: 27 x head_dim in the formerly windowed blocks, 127 x head_dim in SAM's global
   blocks. SAM's ``get_rel_pos`` interpolates both linearly to 63 = 2 * 32 - 1 rows on every
   forward, which is what the official checkpoints were trained with;
+* attention (``ModelConfig.attention``): by default ``"fused"``, :class:`RelPosAttention`, the
+  same function as SAM's attention (scores + decomposed relative-position bias, softmax, values)
+  computed by one ``scaled_dot_product_attention`` call, so flash / memory-efficient kernels run
+  on GPUs instead of materialising (batch, heads, 1024, 1024) scores; ``"sam"`` keeps
+  segment-anything's own forward (the reference it is tested against);
 * SAM's neck, unchanged: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d;
 * readout: a 1x1 conv to 3 * 8 * 8 channels (with bias) and a fixed pixel shuffle to
   (dy, dx, cellprob logit) at 256x256. Cellpose stores the shuffle as a frozen identity tensor
@@ -55,7 +60,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
-from segment_anything.modeling.image_encoder import ImageEncoderViT
+from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT, get_rel_pos
 from torch import Tensor, nn
 
 __all__ = [
@@ -63,6 +68,7 @@ __all__ = [
     "EncoderSpec",
     "ModelConfig",
     "CPSAM",
+    "RelPosAttention",
     "build_model",
     "sample_layer_drop",
     "read_sam_encoder",
@@ -161,6 +167,9 @@ class ModelConfig:
     sam_checkpoint: str | None = None
     """SAM's released checkpoint (sam_vit_l_0b3195.pth for vit_l) that :func:`build_model` loads
     into the encoder; None starts from random weights."""
+    attention: str = "fused"
+    """"fused": :class:`RelPosAttention` (one scaled_dot_product_attention call per block);
+    "sam": segment-anything's attention forward. Same parameters and function either way."""
 
     def __post_init__(self):
         if self.encoder not in ENCODERS:
@@ -185,6 +194,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.layer_drop must be a float; got {self.layer_drop!r}")
         if not 0.0 <= self.layer_drop <= 1.0:
             raise ValueError(f"ModelConfig.layer_drop must be in [0, 1]; got {self.layer_drop}")
+        if self.attention not in ("fused", "sam"):
+            raise ValueError(f'ModelConfig.attention must be "fused" or "sam"; got {self.attention!r}')
         if self.sam_checkpoint is not None and not isinstance(self.sam_checkpoint, (str, Path)):
             raise ValueError(
                 f"ModelConfig.sam_checkpoint must be a path or None; got {self.sam_checkpoint!r}"
@@ -230,6 +241,52 @@ def sample_layer_drop(
         )
     drop_probability = torch.linspace(0.0, layer_drop, depth)
     return torch.rand((batch_size, depth), generator=generator) < drop_probability
+
+
+class RelPosAttention(Attention):
+    """SAM's attention with decomposed relative positions, as one fused attention call.
+
+    SAM computes, for query token ``i`` at (h_i, w_i) and key token ``j`` at (h_j, w_j),
+
+        score_ij = scale * q_i . k_j + q_i . Rh[h_i, h_j] + q_i . Rw[w_i, w_j]
+
+    with ``Rh``, ``Rw`` the tables interpolated by ``get_rel_pos``, and materialises every
+    score. The two bias terms are dot products too: with ``rel_h[i] = (q_i . Rh[h_i, r])_r``
+    (H values) and ``rel_w[i]`` (W values) appended to the query, and the one-hot vectors of the
+    key's row ``h_j`` and column ``w_j`` appended to the key,
+
+        [scale q_i, rel_h[i], rel_w[i]] . [k_j, onehot(h_j), onehot(w_j)] = score_ij
+
+    exactly. So ``scaled_dot_product_attention`` (scale 1) computes SAM's attention with
+    whichever kernel the device has (flash attention on recent GPUs: no (N, N) tensor is
+    stored). The values are zero-padded to the same head width, as the fused kernels take one,
+    and the padding is cut from the output. The extra width costs attention FLOPs (head_dim 64
+    becomes 128 for vit_l) but saves the memory traffic of the scores, which dominates.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, height, width, _ = x.shape
+        tokens = height * width
+        # (3, B, heads, N, head_dim), SAM's layout of the qkv projection.
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        head_dim = q.shape[-1]
+        table_h = get_rel_pos(height, height, self.rel_pos_h).to(q.dtype)  # (H, H, head_dim)
+        table_w = get_rel_pos(width, width, self.rel_pos_w).to(q.dtype)
+        grid_q = q.reshape(batch, self.num_heads, height, width, head_dim)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, table_h).reshape(batch, self.num_heads, tokens, height)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, table_w).reshape(batch, self.num_heads, tokens, width)
+        # Key j = h_j * W + w_j: one-hot of its row, then of its column.
+        key_h = torch.eye(height, dtype=q.dtype, device=q.device).repeat_interleave(width, dim=0)
+        key_w = torch.eye(width, dtype=q.dtype, device=q.device).repeat(height, 1)
+        shape = (batch, self.num_heads, tokens, -1)
+        q = torch.cat([q * self.scale, rel_h, rel_w], dim=-1)
+        k = torch.cat([k, key_h.expand(shape), key_w.expand(shape)], dim=-1)
+        v = F.pad(v, (0, height + width))
+        out = F.scaled_dot_product_attention(q, k, v, scale=1.0)[..., :head_dim]
+        # (B, heads, N, head_dim) -> (B, H, W, heads * head_dim): SAM's channel order.
+        out = out.transpose(1, 2).reshape(batch, height, width, -1)
+        return self.proj(out)
 
 
 class CPSAM(nn.Module):
@@ -307,6 +364,13 @@ class CPSAM(nn.Module):
         # and get_rel_pos interpolates them to 2 * tokens_per_side - 1 rows on each call.
         for block in self.encoder.blocks:
             block.window_size = 0
+            if cfg.attention == "fused":
+                # Same constructor arguments, so the parameters keep their names, shapes and order.
+                rows = block.attn.rel_pos_h.shape[0]
+                block.attn = RelPosAttention(
+                    spec.embed_dim, num_heads=spec.num_heads, qkv_bias=True, use_rel_pos=True,
+                    input_size=((rows + 1) // 2, (rows + 1) // 2),
+                )
 
         self.out = nn.Conv2d(spec.neck_dim, NUM_OUTPUTS * cfg.patch_size**2, kernel_size=1)
         self.init_weights()

@@ -31,15 +31,17 @@ def run(command: list[str], log_path: Path) -> None:
                  + "\n".join(tail) + f"\n(full output: {log_path})")
 
 
-def train(shards: Path, run_dir: Path, minutes: float, nproc: int, overrides: list[str], log_path: Path) -> float:
-    """``torchrun --nproc_per_node=nproc train/main.py --config configs/tiny-cpu.yaml`` on
-    ``shards`` until ``minutes`` have passed (the trainer then checkpoints and exports
-    ``run_dir/model_cellpose.pt``); returns the minutes it took."""
+def train(shards: Path, run_dir: Path, minutes: float, nproc: int, overrides: list[str], log_path: Path,
+          config: str = "tiny-cpu.yaml") -> float:
+    """``torchrun --nproc_per_node=nproc train/main.py --config configs/<config>`` on ``shards``
+    until the config's last step or until ``minutes`` have passed, whichever comes first (the
+    trainer then checkpoints and exports ``run_dir/model_cellpose.pt``); returns the minutes it
+    took."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(REPO / "train" / "main.py"), "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
+               str(REPO / "train" / "main.py"), "--config", str(REPO / "configs" / config),
                f"run_dir={run_dir}", f"data.root={shards}", f"loop.max_minutes={minutes}", *overrides]
     start = time.time()
-    print(f"training for {minutes:g} min on {nproc} CPU processes (log: {log_path}) ...", flush=True)
+    print(f"training ({config}, at most {minutes:g} min) on {nproc} CPU processes (log: {log_path}) ...", flush=True)
     run(command, log_path)
     return (time.time() - start) / 60
 

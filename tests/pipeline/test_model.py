@@ -1,12 +1,14 @@
 """Tests for pipeline.model: shapes, the pixel-shuffle readout, layer drop, SAM and Cellpose
 checkpoints, FLOPs and parameter counts; parity with Cellpose 4's ``cellpose.vit.CPSAM``."""
 
+import dataclasses
 import math
 from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
+from segment_anything.modeling.image_encoder import Attention as SamAttention
 from segment_anything.modeling.image_encoder import ImageEncoderViT
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -15,6 +17,7 @@ from pipeline.model import (
     CPSAM,
     ENCODERS,
     ModelConfig,
+    RelPosAttention,
     build_model,
     flops_per_image,
     from_cellpose,
@@ -57,7 +60,7 @@ def images(batch: int, channels: int = 3, seed: int = 0) -> torch.Tensor:
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+    return float((a - b).detach().norm() / b.detach().norm())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -75,6 +78,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
         ({"in_channels": 0}, "in_channels"),
         ({"image_size": 250}, "multiple of patch_size"),
         ({"patch_size": 8.0}, "patch_size"),
+        ({"attention": "flash"}, "attention"),
     ],
 )
 def test_config_rejects_bad_fields(fields, match):
@@ -347,10 +351,12 @@ def test_build_model_loads_the_configured_sam_checkpoint(tiny_sam_checkpoint):
         assert build_model(ModelConfig(encoder="tiny", sam_checkpoint=str(path))).out.weight.is_meta
 
 
-def test_sam_encoder_in_our_forward_matches_sam_blocks(tiny_sam_checkpoint):
-    # Our forward with SAM's weights equals SAM's own modules run at the paper's geometry.
+@pytest.mark.parametrize("attention", ["sam", "fused"])
+def test_sam_encoder_in_our_forward_matches_sam_blocks(tiny_sam_checkpoint, attention):
+    # Our forward with SAM's weights equals SAM's own modules run at the paper's geometry:
+    # bit for bit with SAM's attention forward, to float rounding with the fused one.
     path, sam = tiny_sam_checkpoint
-    model = CPSAM(TINY).eval()
+    model = CPSAM(ModelConfig(encoder="tiny", attention=attention)).eval()
     load_sam_encoder(model, path)
     reference = sam_encoder("tiny")
     reference.load_state_dict(sam)
@@ -364,7 +370,68 @@ def test_sam_encoder_in_our_forward_matches_sam_blocks(tiny_sam_checkpoint):
         for block in reference.blocks:
             tokens = block(tokens)
         expected = F.pixel_shuffle(model.out(reference.neck(tokens.permute(0, 3, 1, 2))), 8)
-        assert torch.equal(model(x), expected)
+        if attention == "sam":
+            assert torch.equal(model(x), expected)
+        else:
+            assert relative_error(model(x), expected) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused attention: the same function as segment-anything's Attention
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("table_side, grid", [(14, (32, 32)), (64, (32, 32)), (14, (6, 9)), (8, (8, 8))])
+def test_fused_attention_equals_sams(table_side, grid):
+    # The reference is segment-anything's Attention.forward (scores, add_decomposed_rel_pos,
+    # softmax, values) on the same parameters: SAM's windowed (27-row) and global (127-row)
+    # tables interpolated to the grid, a non-square grid, and a table that needs no interpolation.
+    dim, heads = 64, 2
+    torch.manual_seed(0)
+    sam = SamAttention(dim, num_heads=heads, qkv_bias=True, use_rel_pos=True, input_size=(table_side, table_side))
+    fused = RelPosAttention(dim, num_heads=heads, qkv_bias=True, use_rel_pos=True, input_size=(table_side, table_side))
+    with torch.no_grad():
+        sam.rel_pos_h.normal_(0, 0.5)
+        sam.rel_pos_w.normal_(0, 0.5)
+    fused.load_state_dict(sam.state_dict())
+    assert list(fused.state_dict()) == list(sam.state_dict())
+    x = torch.randn(3, *grid, dim, generator=torch.Generator().manual_seed(1))
+    x_sam, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected, got = sam(x_sam), fused(x_fused)
+    assert got.shape == expected.shape == x.shape
+    assert relative_error(got, expected) < 1e-5
+    # The bias must matter for the comparison to mean anything.
+    assert relative_error(expected, sam_without_rel_pos(sam, x)) > 0.05
+    upstream = torch.randn_like(expected)
+    (expected * upstream).sum().backward()
+    (got * upstream).sum().backward()
+    assert relative_error(x_fused.grad, x_sam.grad) < 1e-5
+    for (name, p_sam), p_fused in zip(sam.named_parameters(), fused.parameters()):
+        assert relative_error(p_fused.grad, p_sam.grad) < 1e-4, name
+
+
+def sam_without_rel_pos(sam: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    ablated = SamAttention(x.shape[-1], num_heads=sam.num_heads, qkv_bias=True)
+    ablated.qkv, ablated.proj = sam.qkv, sam.proj
+    with torch.no_grad():
+        return ablated(x)
+
+
+def test_fused_model_equals_sam_attention_model():
+    # Whole network, training mode with layer drop off: outputs and parameter gradients.
+    reference = tiny_model(attention="sam", layer_drop=0.0).train()
+    fused = CPSAM(ModelConfig(encoder="tiny", layer_drop=0.0)).train()
+    fused.load_state_dict(reference.state_dict())
+    assert all(isinstance(block.attn, RelPosAttention) for block in fused.encoder.blocks)
+    assert not any(isinstance(block.attn, RelPosAttention) for block in reference.encoder.blocks)
+    x = images(2)
+    expected, got = reference(x), fused(x)
+    assert relative_error(got, expected) < 1e-5
+    expected.square().mean().backward()
+    got.square().mean().backward()
+    grads = dict(reference.named_parameters())
+    for name, param in fused.named_parameters():
+        assert relative_error(param.grad, grads[name].grad) < 1e-4, name
 
 
 def test_sam_checkpoint_missing_file(tmp_path):
@@ -568,6 +635,9 @@ def test_parity_with_cellpose_cpsam():
 
 
 def counted_flops(model: CPSAM, batch: int) -> int:
+    # Count on SAM's attention forward: flops_per_image is the network's arithmetic, while the
+    # fused forward does more (its extended head width) for less memory traffic.
+    assert model.cfg.attention == "sam", "count FLOPs on ModelConfig(attention='sam')"
     device = model.out.weight.device
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.zeros(batch, 3, 256, 256, device=device))
@@ -575,10 +645,11 @@ def counted_flops(model: CPSAM, batch: int) -> int:
 
 
 def test_flops_match_flop_counter():
-    assert counted_flops(CPSAM(TINY).eval(), 2) == 2 * flops_per_image(TINY)
+    tiny = ModelConfig(encoder="tiny", attention="sam")
+    assert counted_flops(CPSAM(tiny).eval(), 2) == 2 * flops_per_image(TINY) == 2 * flops_per_image(tiny)
     # vit_l on the meta device: the counter needs shapes only.
     with torch.device("meta"):
-        vit_l = CPSAM(ModelConfig()).eval()
+        vit_l = CPSAM(ModelConfig(attention="sam")).eval()
     assert counted_flops(vit_l, 1) == flops_per_image(ModelConfig())
     assert 7.2e11 < flops_per_image(ModelConfig()) < 7.3e11
 
@@ -586,7 +657,7 @@ def test_flops_match_flop_counter():
 def counted_non_block_flops(cfg: ModelConfig) -> int:
     """Patch embedding, neck and readout, counted on a copy with the blocks removed."""
     with torch.device("meta"):
-        model = CPSAM(cfg).eval()
+        model = CPSAM(dataclasses.replace(cfg, attention="sam")).eval()
     model.encoder.blocks = nn.ModuleList()
     return counted_flops(model, 1)
 
