@@ -5,15 +5,30 @@ from pathlib import Path
 import pytest
 
 from train.config import TrainConfig, apply_override, load_config, option_names
+from train.data import steps_per_epoch
+from train.optim import learning_rate
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["paper.yaml", "tiny-cpu.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_shipped_configs_load(name):
     cfg = load_config(REPO / "configs" / name)
     assert isinstance(cfg, TrainConfig)
     assert cfg.optim.decay and cfg.loop.global_batch % cfg.data.batch_size == 0
+
+
+@pytest.mark.parametrize("name, steps, decayed", [("learn-check.yaml", 4800, 640), ("demo.yaml", 1200, 160)])
+def test_cpu_run_configs_have_the_steps_their_comments_state(name, steps, decayed):
+    # The demo and the learning check run a fixed number of steps on 2 ranks with no gradient
+    # accumulation; their comments (and docs/BENCHMARKS.md) quote these counts.
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.data.batch_size * 2 == cfg.loop.global_batch
+    per_epoch = steps_per_epoch(cfg.data, world_size=2)
+    total = cfg.loop.total_steps(per_epoch)
+    assert total == steps
+    rates = [learning_rate(step, cfg.optim, per_epoch, cfg.loop.epochs) for step in range(total)]
+    assert rates.count(cfg.optim.lr / 10) == decayed and max(rates) == cfg.optim.lr
 
 
 def test_paper_config_is_the_papers_recipe():
