@@ -2,13 +2,19 @@
 
     python -m benchmarks.bench_attention [--encoder tiny] [--batch 8] [--repeats 7] [--device cpu]
 
-Times one training step of the whole network, forward and backward (layer drop off, so both run
-every block on every sample), for the two attention implementations of ``pipeline.model``
-(same parameters: the fused model is loaded from the reference's state dict), in one process,
-alternating them so that machine load hits both alike. On a GPU the step runs under bf16
-autocast, as the trainer does. Reports the median seconds per step of each, images/s, the ratio
-(reference / fused), the peak memory on a GPU, and the relative difference of the outputs.
-One JSON line; nothing is asserted.
+Times one training step of the whole network, forward and backward (layer drop off, so all run
+every block on every sample), for the attention implementations of ``pipeline.model`` (same
+parameters: the fused models are loaded from the reference's state dict), in one process,
+alternating them so that machine load hits them alike:
+
+* ``sam``: segment-anything's forward (the reference);
+* ``fused``: the default, :class:`pipeline.model.RelPosAttention` with the bias passed the way
+  the device prefers (an (N, N) mask on the CPU, the extended query and key on CUDA);
+* ``extended`` (on the CPU only): the CUDA way forced on the CPU, the default before the mask.
+
+On a GPU the step runs under bf16 autocast, as the trainer does. Reports the median seconds per
+step of each, images/s, the ratio (reference / fused), the peak memory on a GPU, and the relative
+difference of the outputs. One JSON line; nothing is asserted.
 
 GPU example (vit_l at the paper's 256x256, where SAM's forward stores (batch, 16, 1024, 1024)
 scores in every block):
@@ -48,10 +54,16 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
+    variants = ("sam", "fused") if device.type == "cuda" else ("sam", "fused", "extended")
     models = {}
-    for attention in ("sam", "fused"):
-        models[attention] = CPSAM(ModelConfig(encoder=args.encoder, attention=attention, layer_drop=0.0))
-    models["fused"].load_state_dict(models["sam"].state_dict())
+    for variant in variants:
+        attention = "sam" if variant == "sam" else "fused"
+        models[variant] = CPSAM(ModelConfig(encoder=args.encoder, attention=attention, layer_drop=0.0))
+        if variant != "sam":
+            models[variant].load_state_dict(models["sam"].state_dict())
+    if "extended" in models:
+        for block in models["extended"].encoder.blocks:
+            block.attn.bias_as_mask = False
     for model in models.values():
         model.to(device).train()
     x = torch.rand(args.batch, 3, 256, 256, device=device)
@@ -60,7 +72,7 @@ def main() -> None:
         reference, fused = (models[a](x).float() for a in ("sam", "fused"))
         difference = float((fused - reference).norm() / reference.norm())
 
-    times: dict[str, list[float]] = {"sam": [], "fused": []}
+    times: dict[str, list[float]] = {variant: [] for variant in models}
     peak: dict[str, float] = {}
     for attention, model in models.items():  # warm-up (kernel selection, allocator)
         step_seconds(model, x, device)
@@ -82,6 +94,8 @@ def main() -> None:
         "images_per_s_sam": round(args.batch / median["sam"], 2),
         "images_per_s_fused": round(args.batch / median["fused"], 2),
         "ratio": round(median["sam"] / median["fused"], 3),
+        **({"seconds_extended": round(median["extended"], 4),
+            "ratio_extended_over_fused": round(median["extended"] / median["fused"], 3)} if "extended" in median else {}),
         "relative_difference": float(f"{difference:.2e}"),
     }
     if peak:

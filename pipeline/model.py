@@ -69,6 +69,8 @@ __all__ = [
     "ModelConfig",
     "CPSAM",
     "RelPosAttention",
+    "attention_extended",
+    "attention_masked",
     "build_model",
     "sample_layer_drop",
     "read_sam_encoder",
@@ -262,7 +264,16 @@ class RelPosAttention(Attention):
     stored). The values are zero-padded to the same head width, as the fused kernels take one,
     and the padding is cut from the output. The extra width costs attention FLOPs (head_dim 64
     becomes 128 for vit_l) but saves the memory traffic of the scores, which dominates.
+
+    On the CPU the extra width is what costs (three times the head width for the tiny model),
+    and the CPU kernel takes an additive float mask, so there the bias is built as a
+    (B, heads, N, N) tensor, ``rel_h[i, h_j] + rel_w[i, w_j]``, and passed as ``attn_mask``: the
+    same function, about a quarter faster forward + backward (docs/BENCHMARKS.md).
     """
+
+    bias_as_mask: bool | None = None
+    """True: the bias as an (N, N) ``attn_mask``; False: folded into the extended query and key;
+    None (default): by device, the mask on the CPU and the extended width on CUDA."""
 
     def forward(self, x: Tensor) -> Tensor:
         batch, height, width, _ = x.shape
@@ -276,17 +287,40 @@ class RelPosAttention(Attention):
         grid_q = q.reshape(batch, self.num_heads, height, width, head_dim)
         rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, table_h).reshape(batch, self.num_heads, tokens, height)
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, table_w).reshape(batch, self.num_heads, tokens, width)
-        # Key j = h_j * W + w_j: one-hot of its row, then of its column.
-        key_h = torch.eye(height, dtype=q.dtype, device=q.device).repeat_interleave(width, dim=0)
-        key_w = torch.eye(width, dtype=q.dtype, device=q.device).repeat(height, 1)
-        shape = (batch, self.num_heads, tokens, -1)
-        q = torch.cat([q * self.scale, rel_h, rel_w], dim=-1)
-        k = torch.cat([k, key_h.expand(shape), key_w.expand(shape)], dim=-1)
-        v = F.pad(v, (0, height + width))
-        out = F.scaled_dot_product_attention(q, k, v, scale=1.0)[..., :head_dim]
+        as_mask = not q.is_cuda if self.bias_as_mask is None else self.bias_as_mask
+        out = (attention_masked if as_mask else attention_extended)(q, k, v, rel_h, rel_w, self.scale)
         # (B, heads, N, head_dim) -> (B, H, W, heads * head_dim): SAM's channel order.
         out = out.transpose(1, 2).reshape(batch, height, width, -1)
         return self.proj(out)
+
+
+def attention_extended(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float) -> Tensor:
+    """SAM's biased attention as one SDPA call on the extended query and key (no (N, N) tensor).
+
+    q, k, v (B, heads, N, head_dim) with key j = h_j * W + w_j; rel_h (B, heads, N, H) and rel_w
+    (B, heads, N, W) the query's dot products with the relative-position tables. Returns
+    (B, heads, N, head_dim).
+    """
+    shape = q.shape[:-1] + (-1,)
+    height, width = rel_h.shape[-1], rel_w.shape[-1]
+    # Key j's one-hot row, then its one-hot column.
+    key_h = torch.eye(height, dtype=q.dtype, device=q.device).repeat_interleave(width, dim=0)
+    key_w = torch.eye(width, dtype=q.dtype, device=q.device).repeat(height, 1)
+    q_ext = torch.cat([q * scale, rel_h, rel_w], dim=-1)
+    k_ext = torch.cat([k, key_h.expand(shape), key_w.expand(shape)], dim=-1)
+    v_ext = F.pad(v, (0, height + width))
+    return F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=1.0)[..., : q.shape[-1]]
+
+
+def attention_masked(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float) -> Tensor:
+    """The same function as :func:`attention_extended`, with the bias built as an (N, N) mask.
+
+    The bias of (i, j) is ``rel_h[i, h_j] + rel_w[i, w_j]``. Stores (B, heads, N, N); on the CPU
+    this is faster than the extended head width (see :class:`RelPosAttention`).
+    """
+    batch, heads, tokens, _ = q.shape
+    bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(batch, heads, tokens, tokens)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
 
 class CPSAM(nn.Module):

@@ -381,11 +381,14 @@ def test_sam_encoder_in_our_forward_matches_sam_blocks(tiny_sam_checkpoint, atte
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("path", ["masked", "extended"])
 @pytest.mark.parametrize("table_side, grid", [(14, (32, 32)), (64, (32, 32)), (14, (6, 9)), (8, (8, 8))])
-def test_fused_attention_equals_sams(table_side, grid):
+def test_fused_attention_equals_sams(table_side, grid, path):
     # The reference is segment-anything's Attention.forward (scores, add_decomposed_rel_pos,
     # softmax, values) on the same parameters: SAM's windowed (27-row) and global (127-row)
     # tables interpolated to the grid, a non-square grid, and a table that needs no interpolation.
+    # Both ways of passing the bias: the (N, N) mask (the CPU's default) and the extended query
+    # and key (CUDA's default), each forced here.
     dim, heads = 64, 2
     torch.manual_seed(0)
     sam = SamAttention(dim, num_heads=heads, qkv_bias=True, use_rel_pos=True, input_size=(table_side, table_side))
@@ -394,6 +397,7 @@ def test_fused_attention_equals_sams(table_side, grid):
         sam.rel_pos_h.normal_(0, 0.5)
         sam.rel_pos_w.normal_(0, 0.5)
     fused.load_state_dict(sam.state_dict())
+    fused.bias_as_mask = path == "masked"
     assert list(fused.state_dict()) == list(sam.state_dict())
     x = torch.randn(3, *grid, dim, generator=torch.Generator().manual_seed(1))
     x_sam, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
