@@ -41,15 +41,28 @@ HELD_OUT_FRACTION = 0.25
 WEIGHTS = {"instance_pngs": 0.85, "synthetic": 0.1, "cyto2": 0.05}
 
 
+def appearance_groups(root: Path) -> dict[str, str]:
+    """Each DSB image id's appearance group (fluo_gray, color, bright_gray) from manifest.csv."""
+    return {row["image_id"]: row["appearance_group"] for row in csv.DictReader((root / "manifest.csv").open())}
+
+
 def split_dsb(root: Path) -> tuple[list[str], list[str]]:
     """Held-out DSB ids: every 4th image of each appearance group (at least one per group)."""
-    rows = list(csv.DictReader((root / "manifest.csv").open()))
     groups: dict[str, list[str]] = {}
-    for row in sorted(rows, key=lambda r: r["image_id"]):
-        groups.setdefault(row["appearance_group"], []).append(row["image_id"])
+    for image_id, group in sorted(appearance_groups(root).items()):
+        groups.setdefault(group, []).append(image_id)
     held = sorted(ids[i] for ids in groups.values() for i in range(0, len(ids), round(1 / HELD_OUT_FRACTION)))
-    train = sorted(r["image_id"] for r in rows if r["image_id"] not in set(held))
+    train = sorted(image_id for ids in groups.values() for image_id in ids if image_id not in set(held))
     return train, held
+
+
+def ap_by_group(rows: list[dict], groups: dict[str, str]) -> dict[str, dict]:
+    """Mean AP@0.5 and image count per appearance group, from the evaluation rows."""
+    scores: dict[str, list[float]] = {}
+    for row in rows:
+        if row["pred"] != "mean":
+            scores.setdefault(groups[Path(row["pred"]).name.removesuffix("_masks.tif")], []).append(float(row["ap@0.5"]))
+    return {group: {"images": len(v), "ap50": round(float(np.mean(v)), 4)} for group, v in sorted(scores.items())}
 
 
 def link_tree(ids: list[str], source: Path, target: Path) -> Path:
@@ -120,7 +133,7 @@ def main() -> int:
         "held_out_images": len(held_ids), "train_dsb_images": len(train_ids), "train_minutes": round(train_minutes, 1),
         "steps": train_curve[-1][0] if train_curve else 0, "ap50": float(mean["ap@0.5"]),
         "ap75": float(mean["ap@0.75"]), "ap90": float(mean["ap@0.9"]), "error_rate": float(mean["error_rate@0.5"]),
-        "goal_ap50": 0.6, "loss_first": train_curve[0][1] if train_curve else None,
+        "ap50_by_group": ap_by_group(rows, appearance_groups(dsb)), "goal_ap50": 0.6, "loss_first": train_curve[0][1] if train_curve else None,
         "loss_last": float(np.mean([v for _, v in train_curve[-5:]])) if train_curve else None,
         "validation_loss": curve.get("validation loss", []), "overrides": args.overrides,
     }
