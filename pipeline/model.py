@@ -265,15 +265,16 @@ class RelPosAttention(Attention):
     and the padding is cut from the output. The extra width costs attention FLOPs (head_dim 64
     becomes 128 for vit_l) but saves the memory traffic of the scores, which dominates.
 
-    On the CPU the extra width is what costs (three times the head width for the tiny model),
-    and the CPU kernel takes an additive float mask, so there the bias is built as a
-    (B, heads, N, N) tensor, ``rel_h[i, h_j] + rel_w[i, w_j]``, and passed as ``attn_mask``: the
-    same function, about a quarter faster forward + backward (docs/BENCHMARKS.md).
+    The bias can also go to the kernel as a (B, heads, N, N) additive mask,
+    ``rel_h[i, h_j] + rel_w[i, w_j]`` (:func:`attention_masked`, set ``bias_as_mask``): the same
+    function without the extra width. It is kept as a tested alternative, not the default: on
+    cpu-2 the extended width was as fast in the trainer (batch 2 per rank) and 11-20% faster at
+    batch 4-8 (docs/BENCHMARKS.md, attention).
     """
 
-    bias_as_mask: bool | None = None
-    """True: the bias as an (N, N) ``attn_mask``; False: folded into the extended query and key;
-    None (default): by device, the mask on the CPU and the extended width on CUDA."""
+    bias_as_mask: bool = False
+    """True: the bias as an (N, N) ``attn_mask`` (:func:`attention_masked`); False (default): folded
+    into the extended query and key (:func:`attention_extended`)."""
 
     def forward(self, x: Tensor) -> Tensor:
         batch, height, width, _ = x.shape
@@ -287,8 +288,7 @@ class RelPosAttention(Attention):
         grid_q = q.reshape(batch, self.num_heads, height, width, head_dim)
         rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, table_h).reshape(batch, self.num_heads, tokens, height)
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, table_w).reshape(batch, self.num_heads, tokens, width)
-        as_mask = not q.is_cuda if self.bias_as_mask is None else self.bias_as_mask
-        out = (attention_masked if as_mask else attention_extended)(q, k, v, rel_h, rel_w, self.scale)
+        out = (attention_masked if self.bias_as_mask else attention_extended)(q, k, v, rel_h, rel_w, self.scale)
         # (B, heads, N, head_dim) -> (B, H, W, heads * head_dim): SAM's channel order.
         out = out.transpose(1, 2).reshape(batch, height, width, -1)
         return self.proj(out)
@@ -315,8 +315,8 @@ def attention_extended(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Te
 def attention_masked(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float) -> Tensor:
     """The same function as :func:`attention_extended`, with the bias built as an (N, N) mask.
 
-    The bias of (i, j) is ``rel_h[i, h_j] + rel_w[i, w_j]``. Stores (B, heads, N, N); on the CPU
-    this is faster than the extended head width (see :class:`RelPosAttention`).
+    The bias of (i, j) is ``rel_h[i, h_j] + rel_w[i, w_j]``. Stores (B, heads, N, N) for the
+    bias, so it is never the memory-lean path; see :class:`RelPosAttention` for when it is used.
     """
     batch, heads, tokens, _ = q.shape
     bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(batch, heads, tokens, tokens)

@@ -5,7 +5,7 @@
 1. Shards from the real samples in ../shared/data (Cellpose cyto: 20 images; DSB2018 nuclei:
    the images not held out) plus synthetic images, with sampling weights favouring nuclei.
 2. ``torchrun --nproc_per_node=N train/main.py --config configs/learn-check.yaml`` (the tiny
-   model, a fixed number of steps: about 22-25 minutes on 2 cores), stopped early at ``--minutes``
+   model, a fixed number of steps: about 22-26 minutes on 2 cores), stopped early at ``--minutes``
    (with a checkpoint and the export) if the machine is slower.
 3. ``python -m infer`` on the held-out DSB images (one image per appearance group from
    dsb2018/manifest.csv and a fixed share of the rest, never seen in training), then

@@ -387,8 +387,8 @@ def test_fused_attention_equals_sams(table_side, grid, path):
     # The reference is segment-anything's Attention.forward (scores, add_decomposed_rel_pos,
     # softmax, values) on the same parameters: SAM's windowed (27-row) and global (127-row)
     # tables interpolated to the grid, a non-square grid, and a table that needs no interpolation.
-    # Both ways of passing the bias: the (N, N) mask (the CPU's default) and the extended query
-    # and key (CUDA's default), each forced here.
+    # Both ways of passing the bias: the extended query and key (the default) and the (N, N)
+    # mask (RelPosAttention.bias_as_mask).
     dim, heads = 64, 2
     torch.manual_seed(0)
     sam = SamAttention(dim, num_heads=heads, qkv_bias=True, use_rel_pos=True, input_size=(table_side, table_side))
