@@ -15,6 +15,8 @@
    for images under 240 px (Cellpose's ``get_pad_yx`` with ``min_size=(256, 256)``).
 5. **Tile** (:func:`tile_starts`): 256 x 256 tiles, 1 per axis up to 256 px, otherwise
    ``ceil((1 + 2 * overlap) * L / 256)``, starts evenly spaced (``np.linspace``, truncated).
+   A model built at another ``ModelConfig.image_size`` is tiled (and padded, and tapered) at
+   that size in place of 256.
    With test-time augmentation: ``max(2, ceil(2 L / 256))`` per axis (50% overlap); tile (j, i)
    of the grid is flipped in y if j is even and i odd, in x if j is odd and i even, in both if
    both are odd, and its output flipped back with the matching flow components negated
@@ -74,7 +76,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Side of the square tiles the network sees (fixed for CP-SAM).
+#: Side of the square tiles CP-SAM sees. A model built with another ``ModelConfig.image_size``
+#: is tiled at that size instead (the padding minimum and the taper follow it).
 TILE_SIZE = 256
 #: Euler steps for the masks at scale 1 (Cellpose's default), divided by the rescale factor.
 NITER_AT_SCALE_1 = 200
@@ -371,11 +374,12 @@ def predict_tiles(
 def _run_padded(model: torch.nn.Module, image: torch.Tensor, cfg: PredictConfig) -> torch.Tensor:
     """Pad, tile, run, un-flip and blend; return (3, H, W) float32 for a (C, H, W) image."""
     height, width = image.shape[-2:]
-    (top, bottom), (left, right) = pad_widths(height), pad_widths(width)
+    size = _tile_size(model)
+    (top, bottom), (left, right) = pad_widths(height, size), pad_widths(width, size)
     padded = F.pad(image, (left, right, top, bottom))
-    grid = tile_grid(tuple(padded.shape[-2:]), TILE_SIZE, cfg.tile_overlap, cfg.augment)
+    grid = tile_grid(tuple(padded.shape[-2:]), size, cfg.tile_overlap, cfg.augment)
     device, dtype = _device_and_dtype(model)
-    taper = torch.from_numpy(taper_weights(TILE_SIZE)).to(device=device, dtype=torch.float32)
+    taper = torch.from_numpy(taper_weights(size)).to(device=device, dtype=torch.float32)
     summed = torch.zeros((3, *padded.shape[-2:]), dtype=torch.float32, device=device)
     weights = torch.zeros(padded.shape[-2:], dtype=torch.float32, device=device)
 
@@ -386,14 +390,14 @@ def _run_padded(model: torch.nn.Module, image: torch.Tensor, cfg: PredictConfig)
             for first in range(0, len(grid), cfg.batch_size):
                 batch = grid[first : first + cfg.batch_size]
                 tiles = torch.stack([
-                    _flip(padded[:, y0 : y0 + TILE_SIZE, x0 : x0 + TILE_SIZE], flip_y, flip_x)
+                    _flip(padded[:, y0 : y0 + size, x0 : x0 + size], flip_y, flip_x)
                     for y0, x0, flip_y, flip_x in batch
                 ])
-                outputs = _checked_output(model(tiles.to(dtype)), len(batch)).float()
+                outputs = _checked_output(model(tiles.to(dtype)), len(batch), size).float()
                 for (y0, x0, flip_y, flip_x), tile_output in zip(batch, outputs):
                     tile_output = _unflip_flows(tile_output, flip_y, flip_x)
-                    summed[:, y0 : y0 + TILE_SIZE, x0 : x0 + TILE_SIZE] += tile_output * taper
-                    weights[y0 : y0 + TILE_SIZE, x0 : x0 + TILE_SIZE] += taper
+                    summed[:, y0 : y0 + size, x0 : x0 + size] += tile_output * taper
+                    weights[y0 : y0 + size, x0 : x0 + size] += taper
     finally:
         model.train(was_training)
     # Every pixel is covered by at least one tile, and the taper is > 0 everywhere.
@@ -438,6 +442,11 @@ def _input_channels(model: torch.nn.Module) -> int:
     return int(getattr(getattr(model, "cfg", None), "in_channels", 3))
 
 
+def _tile_size(model: torch.nn.Module) -> int:
+    """Side of the tiles the model takes: its config's ``image_size``, else 256 (CP-SAM's)."""
+    return int(getattr(getattr(model, "cfg", None), "image_size", TILE_SIZE))
+
+
 def _device_and_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     parameter = next(model.parameters(), None)
     if parameter is None:
@@ -445,8 +454,8 @@ def _device_and_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype
     return parameter.device, parameter.dtype
 
 
-def _checked_output(output, n_tiles: int) -> torch.Tensor:
-    expected = (n_tiles, 3, TILE_SIZE, TILE_SIZE)
+def _checked_output(output, n_tiles: int, tile_size: int = TILE_SIZE) -> torch.Tensor:
+    expected = (n_tiles, 3, tile_size, tile_size)
     if not isinstance(output, torch.Tensor) or tuple(output.shape) != expected:
         got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
         raise ValueError(

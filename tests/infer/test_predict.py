@@ -15,6 +15,7 @@ stitched output is known exactly whatever the tiling:
 import dataclasses
 import json
 import math
+import types
 
 import numpy as np
 import pytest
@@ -264,6 +265,29 @@ def test_stitched_position_field_is_exact(height, width, augment):
     np.testing.assert_allclose(stitched(prediction), expected_output(height, width), atol=2e-5)
     padded = [h + sum(pad_widths(h)) for h in (height, width)]
     assert net.tiles_seen == len(tile_grid(tuple(padded), augment=augment))
+
+
+@pytest.mark.parametrize("augment", [False, True])
+@pytest.mark.parametrize("height, width", [(100, 100), (300, 140)])
+def test_a_model_of_another_input_size_is_tiled_at_that_size(height, width, augment):
+    # A model built with ModelConfig(image_size=128) takes 128 x 128 tiles: the padding minimum,
+    # the tile grid and the taper follow its config instead of CP-SAM's 256.
+    net = PositionNet()
+    net.cfg = types.SimpleNamespace(image_size=128, in_channels=3)
+    shapes = []
+    net.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape[-2:])))
+    prediction = predict(net, position_image(height, width), raw(augment=augment))
+    np.testing.assert_allclose(stitched(prediction), expected_output(height, width), atol=2e-5)
+    assert set(shapes) == {(128, 128)}
+    padded = [h + sum(pad_widths(h, 128)) for h in (height, width)]
+    assert net.tiles_seen == len(tile_grid(tuple(padded), 128, augment=augment))
+
+
+def test_tiny_model_at_128_predicts_masks():
+    model = model_module.CPSAM(model_module.ModelConfig(encoder="tiny", image_size=128)).eval()
+    image = np.random.default_rng(0).random((150, 170)).astype(np.float32)
+    prediction = predict(model, image, PredictConfig())
+    assert prediction.masks.shape == (150, 170) and np.isfinite(prediction.flows).all()
 
 
 def test_augment_without_unflipping_would_be_caught(monkeypatch):
