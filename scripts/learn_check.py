@@ -52,7 +52,8 @@ def split_dsb(root: Path) -> tuple[list[str], list[str]]:
     for image_id, group in sorted(appearance_groups(root).items()):
         groups.setdefault(group, []).append(image_id)
     held = sorted(ids[i] for ids in groups.values() for i in range(0, len(ids), round(1 / HELD_OUT_FRACTION)))
-    train = sorted(image_id for ids in groups.values() for image_id in ids if image_id not in set(held))
+    held_set = set(held)
+    train = sorted(image_id for ids in groups.values() for image_id in ids if image_id not in held_set)
     return train, held
 
 
