@@ -220,6 +220,7 @@ class _DegradeParams:
     sigma: torch.Tensor  # (B, 2) float32 blur sigma (y, x) in pixels; 0 = no blur
     factor: torch.Tensor  # (B, 2) int64 downsampling factor (y, x); 1 = none
     photons: torch.Tensor  # (B,) float32 Poisson photon scale; 0 = no noise
+    noise_seed: torch.Tensor  # () int64 seed of the Poisson draws' own generator
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,7 +254,7 @@ def augment(
     )
     if train:
         images, nonempty = _mix_channels(images, nonempty, channel, cfg)
-        images = _degrade(images, degrade, generator)
+        images = _degrade(images, degrade)
     images, nonempty = _normalize_percentile(images, None, cfg.percentiles, cfg.percentile_max_pixels)
     if train:
         jittered = channel.contrast[:, :, None, None] * images + channel.brightness[:, :, None, None]
@@ -385,7 +386,10 @@ def _draw_params(
         min=cfg.poisson_min_scale
     )
     photons = photons * (degrade & (uniform() < cfg.poisson_prob))
-    return affine, channel, _DegradeParams(sigma=sigma, factor=factors, photons=photons)
+    # The Poisson draws take as many numbers as there are noisy samples; from a generator of
+    # their own, they leave this stream (and the layer drop that continues it) fixed.
+    noise_seed = torch.randint(0, 2**62, (), generator=generator, device=device)
+    return affine, channel, _DegradeParams(sigma=sigma, factor=factors, photons=photons, noise_seed=noise_seed)
 
 
 def _centre_crop_params(rescale: torch.Tensor) -> _AffineParams:
@@ -604,7 +608,7 @@ def _mix_channels(
     return torch.where(invert, 1.0 - images, images), nonempty
 
 
-def _degrade(images: torch.Tensor, params: _DegradeParams, generator: torch.Generator) -> torch.Tensor:
+def _degrade(images: torch.Tensor, params: _DegradeParams) -> torch.Tensor:
     """Blur, downsample + re-upsample and Poisson noise (B, C, S, S), per sample.
 
     Blur (zero padding) and resampling are both linear along each axis, so they fold into one
@@ -612,6 +616,7 @@ def _degrade(images: torch.Tensor, params: _DegradeParams, generator: torch.Gene
     with no dependence of the cost on sigma and no per-sample loop. Only the samples drawn for a
     degradation go through them (one host sync for their indices): the others would cost as
     much and come out unchanged, and they are most of the batch (``degrade_prob`` 0.25-0.5).
+    The noise comes from a generator seeded by ``params.noise_seed``.
     """
     active = (params.sigma > 0).any(dim=1) | (params.factor > 1).any(dim=1) | (params.photons > 0)
     index = active.nonzero()[:, 0]
@@ -624,7 +629,8 @@ def _degrade(images: torch.Tensor, params: _DegradeParams, generator: torch.Gene
     degraded = along_y[:, None] @ images[index] @ along_x[:, None].transpose(-1, -2)
     photons = photons[:, None, None, None]
     safe = photons.clamp(min=1e-6)
-    noisy = torch.poisson(degraded.clamp(min=0.0) * safe, generator=generator) / safe
+    noise = torch.Generator(images.device).manual_seed(int(params.noise_seed))
+    noisy = torch.poisson(degraded.clamp(min=0.0) * safe, generator=noise) / safe
     return images.index_copy(0, index, torch.where(photons > 0, noisy, degraded))
 
 
