@@ -173,6 +173,11 @@ class ModelConfig:
     """"fused": :class:`RelPosAttention` (one scaled_dot_product_attention call per block);
     "sam": segment-anything's attention forward. Same parameters and function either way."""
 
+    pos_embed_init: str = "normal"
+    """How :meth:`CPSAM.init_weights` starts the absolute position embedding when training from
+    scratch: "normal" (ViTDet's truncated normal, std 0.02) or "sincos" (the fixed 2D sine-cosine
+    table of MAE, whose ViT SAM's encoder was initialised from). SAM's weights replace either."""
+
     def __post_init__(self):
         if self.encoder not in ENCODERS:
             raise ValueError(
@@ -198,10 +203,40 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.layer_drop must be in [0, 1]; got {self.layer_drop}")
         if self.attention not in ("fused", "sam"):
             raise ValueError(f'ModelConfig.attention must be "fused" or "sam"; got {self.attention!r}')
+        if self.pos_embed_init not in ("normal", "sincos"):
+            raise ValueError(
+                f'ModelConfig.pos_embed_init must be "normal" or "sincos"; got {self.pos_embed_init!r}'
+            )
         if self.sam_checkpoint is not None and not isinstance(self.sam_checkpoint, (str, Path)):
             raise ValueError(
                 f"ModelConfig.sam_checkpoint must be a path or None; got {self.sam_checkpoint!r}"
             )
+
+
+def sincos_pos_embed(rows: int, cols: int, dim: int, temperature: float = 10000.0) -> Tensor:
+    """MAE's fixed 2D sine-cosine position table, (rows, cols, dim).
+
+    The first half of the channels encodes the row, the second half the column; each half is
+    ``[sin(p * w_k), cos(p * w_k)]`` for ``dim // 4`` frequencies ``w_k = temperature ** (-k /
+    (dim // 4))``, p the token index. A token's position is then a smooth function of its
+    channels from the first step, which a randomly initialised table has to learn first.
+
+    >>> table = sincos_pos_embed(32, 32, 64)
+    >>> table.shape, float(table[0, 0, 0]), float(table[0, 0, 16])
+    (torch.Size([32, 32, 64]), 0.0, 1.0)
+    """
+    if dim % 4:
+        raise ValueError(f"the sine-cosine table needs a width divisible by 4; got {dim}")
+    quarter = dim // 4
+    omega = temperature ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
+
+    def encode(positions: Tensor) -> Tensor:  # (n,) -> (n, dim // 2)
+        angles = positions[:, None].to(torch.float64) * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    row = encode(torch.arange(rows))[:, None, :].expand(rows, cols, dim // 2)
+    col = encode(torch.arange(cols))[None, :, :].expand(rows, cols, dim // 2)
+    return torch.cat([row, col], dim=2).to(torch.float32)
 
 
 def sample_layer_drop(
@@ -441,7 +476,12 @@ class CPSAM(nn.Module):
             elif isinstance(module, (nn.LayerNorm, LayerNorm2d)):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        nn.init.trunc_normal_(self.encoder.pos_embed, std=0.02, generator=generator)
+        if self.cfg.pos_embed_init == "sincos":
+            _, rows, cols, dim = self.encoder.pos_embed.shape
+            table = sincos_pos_embed(rows, cols, dim)
+            self.encoder.pos_embed.copy_(table.to(self.encoder.pos_embed.dtype)[None])
+        else:
+            nn.init.trunc_normal_(self.encoder.pos_embed, std=0.02, generator=generator)
         for block in self.encoder.blocks:
             nn.init.zeros_(block.attn.rel_pos_h)
             nn.init.zeros_(block.attn.rel_pos_w)
