@@ -216,14 +216,16 @@ class ModelConfig:
 def sincos_pos_embed(rows: int, cols: int, dim: int, temperature: float = 10000.0) -> Tensor:
     """MAE's fixed 2D sine-cosine position table, (rows, cols, dim).
 
-    The first half of the channels encodes the row, the second half the column; each half is
-    ``[sin(p * w_k), cos(p * w_k)]`` for ``dim // 4`` frequencies ``w_k = temperature ** (-k /
-    (dim // 4))``, p the token index. A token's position is then a smooth function of its
+    As MAE's ``get_2d_sincos_pos_embed``: the first half of the channels encodes the column, the
+    second half the row; each half is ``[sin(p * w_k), cos(p * w_k)]`` for ``dim // 4``
+    frequencies ``w_k = temperature ** (-k / (dim // 4))``, p the token index. A token's position is then a smooth function of its
     channels from the first step, which a randomly initialised table has to learn first.
 
     >>> table = sincos_pos_embed(32, 32, 64)
     >>> table.shape, float(table[0, 0, 0]), float(table[0, 0, 16])
     (torch.Size([32, 32, 64]), 0.0, 1.0)
+    >>> bool((table[5, :, 32:] == table[5, 0, 32:]).all())  # the second half: the row only
+    True
     """
     if dim % 4:
         raise ValueError(f"the sine-cosine table needs a width divisible by 4; got {dim}")
@@ -234,9 +236,9 @@ def sincos_pos_embed(rows: int, cols: int, dim: int, temperature: float = 10000.
         angles = positions[:, None].to(torch.float64) * omega[None]
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
-    row = encode(torch.arange(rows))[:, None, :].expand(rows, cols, dim // 2)
     col = encode(torch.arange(cols))[None, :, :].expand(rows, cols, dim // 2)
-    return torch.cat([row, col], dim=2).to(torch.float32)
+    row = encode(torch.arange(rows))[:, None, :].expand(rows, cols, dim // 2)
+    return torch.cat([col, row], dim=2).to(torch.float32)
 
 
 def sample_layer_drop(

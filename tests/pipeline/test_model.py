@@ -5,6 +5,7 @@ import dataclasses
 import math
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from pipeline.model import (
     load_sam_encoder,
     read_sam_encoder,
     sample_layer_drop,
+    sincos_pos_embed,
     to_cellpose,
     unwrap_state_dict,
 )
@@ -79,6 +81,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
         ({"image_size": 250}, "multiple of patch_size"),
         ({"patch_size": 8.0}, "patch_size"),
         ({"attention": "flash"}, "attention"),
+        ({"pos_embed_init": "learned"}, "pos_embed_init"),
     ],
 )
 def test_config_rejects_bad_fields(fields, match):
@@ -141,6 +144,37 @@ def test_init_weights_is_reproducible_and_materialises_meta():
     assert float(model.diam_mean) == float(model.diam_labels) == 30.0
     assert not model.encoder.blocks[0].attn.rel_pos_h.any()  # SAM's zero init
     assert 0 < model.encoder.pos_embed.std() < 0.03
+
+
+def mae_sincos_2d(grid_size: int, dim: int) -> np.ndarray:
+    """MAE's get_2d_sincos_pos_embed (facebookresearch/mae, util/pos_embed.py), restated in
+    NumPy from its definition: grid = meshgrid(w, h), so the first half of the channels encodes
+    grid[0] (the column) and the second grid[1] (the row); each half is [sin(p w), cos(p w)]
+    with w_k = 1 / 10000 ** (k / (dim / 4)). Returns (grid_size ** 2, dim), row-major tokens."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+    rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
+
+    def half(positions):
+        angles = positions.reshape(-1)[:, None] * omega[None]
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    return np.concatenate([half(cols), half(rows)], axis=1)
+
+
+def test_sincos_pos_embed_is_maes_table():
+    table = sincos_pos_embed(32, 32, 64)
+    expected = mae_sincos_2d(32, 64)
+    np.testing.assert_allclose(table.reshape(32 * 32, 64).numpy(), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_pos_embed(4, 4, 30)
+
+
+def test_pos_embed_init_sincos_starts_from_the_table():
+    model = CPSAM(dataclasses.replace(TINY, pos_embed_init="sincos"))
+    torch.testing.assert_close(model.encoder.pos_embed[0], sincos_pos_embed(32, 32, 64))
+    model.init_weights(torch.Generator().manual_seed(3))  # re-init keeps the table
+    torch.testing.assert_close(model.encoder.pos_embed[0], sincos_pos_embed(32, 32, 64))
+    assert model.encoder.pos_embed.requires_grad  # a starting point, trained like SAM's
 
 
 # ------------------------------------------------------------------------------------------------
