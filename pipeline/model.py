@@ -218,8 +218,9 @@ def sincos_pos_embed(rows: int, cols: int, dim: int, temperature: float = 10000.
 
     As MAE's ``get_2d_sincos_pos_embed``: the first half of the channels encodes the column, the
     second half the row; each half is ``[sin(p * w_k), cos(p * w_k)]`` for ``dim // 4``
-    frequencies ``w_k = temperature ** (-k / (dim // 4))``, p the token index. A token's position is then a smooth function of its
-    channels from the first step, which a randomly initialised table has to learn first.
+    frequencies ``w_k = temperature ** (-k / (dim // 4))``, p the token index. A token's position
+    is then a smooth function of its channels from the first step, which a randomly initialised
+    table has to learn first.
 
     >>> table = sincos_pos_embed(32, 32, 64)
     >>> table.shape, float(table[0, 0, 0]), float(table[0, 0, 16])
