@@ -35,6 +35,12 @@ from train.config import load_config
 REPO = Path(__file__).resolve().parents[1]
 
 
+def python_path() -> str:
+    """The repository first, then whatever PYTHONPATH already holds (packages carried as wheels
+    to a machine, as benchmarks/gpu_check.py does, must stay visible to the trainer)."""
+    return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+
 def make_shards(folder: Path, n_train: int) -> Path:
     src = folder / "src"
     src.mkdir(parents=True)
@@ -62,7 +68,7 @@ def main() -> None:
                      f"loop.log_every={log_every}", "loop.val_every=0", "checkpoint.every=100000", *args.overrides]
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                    str(REPO / "train" / "main.py"), "--config", str(args.config), *overrides]
-        result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=python_path()))
         if result.returncode != 0:
             sys.exit(f"training failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

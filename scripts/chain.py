@@ -21,7 +21,9 @@ def run(command: list[str], log_path: Path) -> None:
     """Run ``command`` from the repository root with its output in ``log_path``; exit on failure
     with the log's last lines."""
     # Small machines: torch's and numba's OpenMP pools must not spin against each other.
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    # The repository first, then any PYTHONPATH the caller set (packages carried as wheels).
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
