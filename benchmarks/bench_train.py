@@ -12,7 +12,8 @@ TFLOP/s (3 x forward FLOPs of the blocks actually run x images/s) is reported in
 
 GPU example (the issue's goal: >= 180 img/s per H100 for ViT-L in bf16 at 256x256):
     python -m benchmarks.bench_train --config configs/paper.yaml --nproc 1 --steps 60 \\
-        model.sam_checkpoint=null data.batch_size=64 loop.global_batch=64 data.num_workers=8
+        model.sam_checkpoint=null data.batch_size=32 loop.global_batch=32 data.num_workers=8
+(the paper's per-GPU batch; benchmarks/gpu_check.py runs this with the other GPU checks).
 One JSON line; nothing is asserted.
 """
 
