@@ -481,8 +481,13 @@ class CPSAM(nn.Module):
                 nn.init.zeros_(module.bias)
         if self.cfg.pos_embed_init == "sincos":
             _, rows, cols, dim = self.encoder.pos_embed.shape
-            table = sincos_pos_embed(rows, cols, dim)
-            self.encoder.pos_embed.copy_(table.to(self.encoder.pos_embed.dtype)[None])
+            pos_embed = self.encoder.pos_embed
+            table = sincos_pos_embed(rows, cols, dim).to(pos_embed.device, pos_embed.dtype)[None]
+            if hasattr(pos_embed, "device_mesh"):  # a sharded DTensor (FSDP2): this rank's shard
+                from torch.distributed.tensor import distribute_tensor
+
+                table = distribute_tensor(table, pos_embed.device_mesh, pos_embed.placements)
+            pos_embed.copy_(table)
         else:
             nn.init.trunc_normal_(self.encoder.pos_embed, std=0.02, generator=generator)
         for block in self.encoder.blocks:

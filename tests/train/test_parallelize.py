@@ -77,3 +77,25 @@ def test_wrapped_model_computes_what_the_plain_model_computes(mesh, cfg):
     assert exported.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(exported[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("pos_embed_init", ["normal", "sincos"])
+def test_init_weights_on_the_sharded_model(mesh, pos_embed_init):
+    # Initialising after sharding (meta device, to_empty, init_weights) gives each parameter a
+    # DTensor of the right values: the sine-cosine table must be distributed, not copied in whole.
+    cfg = ModelConfig(encoder="tiny", layer_drop=0.0, pos_embed_init=pos_embed_init)
+    with torch.device("meta"):
+        model = CPSAM(cfg)
+    parallelize(model, mesh, ParallelConfig())
+    model.to_empty(device="cpu")
+    model.init_weights(torch.Generator().manual_seed(0) if pos_embed_init == "normal" else None)
+    pos_embed = model.encoder.pos_embed
+    assert hasattr(pos_embed, "full_tensor")
+    full = pos_embed.full_tensor().detach()
+    if pos_embed_init == "sincos":
+        torch.testing.assert_close(full, CPSAM(cfg).encoder.pos_embed.detach(), rtol=0, atol=0)
+    else:
+        # trunc_normal_(std=0.02) (its cut is at +-2 absolute, so in effect a normal draw).
+        assert 0.018 < float(full.std()) < 0.022 and abs(float(full.mean())) < 0.002
+    assert all(torch.isfinite(p.full_tensor()).all() for p in model.parameters())
