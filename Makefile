@@ -50,10 +50,12 @@ learn-check: install
 	$(BIN)/python scripts/learn_check.py --out runs/learn_check
 
 # For benchmarks/gpu_check.py on a lent GPU machine: the dependencies its image lacks (it has
-# torch, numpy, numba, pyarrow, tifffile and the rest), as wheels for its Python 3.12, into .whl/.
+# torch, numpy, numba, pyarrow, tifffile, opencv and the rest), as wheels for its Python 3.12,
+# into .whl/; cellpose (with natsort and fill-voids) is the reference bench_infer compares with.
 # Versions as pinned in pyproject.toml (tests/benchmarks/test_gpu_check.py holds them equal).
 GPU_WHEELS := segment-anything==1.0 webdataset==1.0.2 braceexpand==0.1.7 fastremap==1.21.0 \
-              zstandard==0.25.0 imagecodecs==2026.3.6 roifile==2026.2.10
+              zstandard==0.25.0 imagecodecs==2026.3.6 roifile==2026.2.10 \
+              cellpose==4.2.1.1 natsort==8.4.0 fill-voids==2.1.2
 gpu-wheels: install
 	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

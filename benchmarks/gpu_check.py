@@ -22,6 +22,8 @@ is left:
     attention  bench_attention: ViT-L forward + backward at batch 32, the fused attention
                against segment-anything's own forward (the reference)
     augment    bench_augment: the GPU-side augmentation against the step it feeds, batch 32
+    infer      bench_infer: a 2048 x 2048 image through infer.predict and through Cellpose 4's
+               CellposeModel.eval (the reference), same ViT-L weights, batch 32
     tests      pytest -m gpu: the tests that need a CUDA device
     compile    bench_train as ``train`` with parallel.compile=true
 
@@ -81,16 +83,19 @@ def plan(device: str, shards: Path) -> list[Check]:
         attention = ["--encoder", "vit_l", "--batch", "32", "--repeats", "5", "--device", "cuda"]
         augment = ["--config", "configs/paper.yaml", "--device", "cuda", *data,
                    "model.sam_checkpoint=null", "data.batch_size=32", "loop.global_batch=32"]
+        infer = ["--device", "cuda", "--size", "2048", "--batch-size", "32"]
     else:
         train = ["--config", "configs/tiny-cpu.yaml", "--nproc", "1", "--steps", "8", *data,
                  "data.batch_size=2", "loop.global_batch=2", "data.num_workers=0"]
         attention = ["--encoder", "tiny", "--batch", "2", "--repeats", "2", "--device", "cpu"]
         augment = ["--config", "configs/tiny-cpu.yaml", "--device", "cpu", "--batches", "4", "--repeats", "2",
                    *data, "data.batch_size=2", "loop.global_batch=2"]
+        infer = ["--device", "cpu", "--size", "256", "--repeats", "1"]  # ViT-L: about 2 minutes here
     return [
         Check("train", [*module, "benchmarks.bench_train", *train], limit_s=240, min_s=90),
         Check("attention", [*module, "benchmarks.bench_attention", *attention], limit_s=120, min_s=40),
         Check("augment", [*module, "benchmarks.bench_augment", *augment], limit_s=120, min_s=40),
+        Check("infer", [*module, "benchmarks.bench_infer", *infer], limit_s=150, min_s=60),
         Check("tests", [*module, "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"],
               limit_s=120, min_s=30),
         Check("compile", [*module, "benchmarks.bench_train", *train, "parallel.compile=true"], limit_s=300, min_s=150),

@@ -73,6 +73,8 @@ SUMMARY_COLUMNS = ("file", "size", "n_cells", "seconds", "status", "error")
 _NOT_IMAGES = ("_masks", "_labels", "_flows", "_cellprob", "_outlines", "_seg")
 # PredictConfig fields the command line does not offer: it always writes masks.
 _PREDICT_FIELDS_NOT_ON_CLI = ("compute_masks",)
+# --precision: the model's dtype (None: infer.predict.default_dtype of the device).
+_PRECISIONS = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Long enough for the slowest rank to finish its share before the final barrier.
 _PROCESS_GROUP_TIMEOUT = timedelta(days=7)
 
@@ -101,12 +103,16 @@ class InferConfig:
     """Channel indices to use (up to 3), for files with more than 3 channels or a varying alpha."""
     device: str | None = None
     """torch device (cpu, cuda, cuda:1); default cuda:LOCAL_RANK when a GPU is present, else cpu."""
+    precision: str = "auto"
+    """Network dtype: auto (bf16 on a GPU and on CPUs with bf16 instructions, else fp32), bf16, fp32."""
     predict: PredictConfig = field(default_factory=PredictConfig)
     """Prediction and mask options."""
 
     def __post_init__(self) -> None:
         if not self.inputs:
             raise ValueError("inputs: name at least one image file or folder")
+        if self.precision not in _PRECISIONS:
+            raise ValueError(f"precision: one of {', '.join(_PRECISIONS)}; got {self.precision!r}")
         if self.channels is not None and not 1 <= len(self.channels) <= 3:
             raise ValueError(f"channels: pick 1 to 3 channel indices; got {list(self.channels)}")
 
@@ -244,11 +250,12 @@ def run(cfg: InferConfig) -> int:
             log.error("%s", error)
             return 2
         try:
-            model = load_model(checkpoint, device=device)
+            model = load_model(checkpoint, device=device, dtype=_PRECISIONS[cfg.precision])
         except (FileNotFoundError, ValueError) as error:
             log.error("checkpoint %s", error)
             return 2
-        log.info("%d images, %d on this rank; model on %s", len(jobs), len(my_jobs), device)
+        log.info("%d images, %d on this rank; model on %s in %s", len(jobs), len(my_jobs), device,
+                 str(next(model.parameters()).dtype).removeprefix("torch."))
 
         out_dir.mkdir(parents=True, exist_ok=True)
         summary = out_dir / ("summary.csv" if world_size == 1 else f"summary_rank{rank}.csv")

@@ -65,6 +65,7 @@ __all__ = [
     "TILE_SIZE",
     "Prediction",
     "PredictConfig",
+    "default_dtype",
     "load_model",
     "pad_widths",
     "predict",
@@ -502,8 +503,8 @@ def load_model(
     device : str or torch.device, optional
         Default: ``cuda`` when available, else ``cpu``.
     dtype : torch.dtype, optional
-        Default: bfloat16 on a GPU (as Cellpose, about 20% faster), float32 on the CPU (where
-        bfloat16 matmuls are slow and gain nothing).
+        Default: :func:`default_dtype` of the device (bfloat16 where the hardware computes it,
+        as Cellpose's default; float32 elsewhere).
 
     Raises
     ------
@@ -549,8 +550,32 @@ def load_model(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = default_dtype(device)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """The inference dtype for ``device``: bfloat16 where the hardware computes it, else float32.
+
+    Cellpose 4 runs its network in bfloat16 by default on every device (``use_bfloat16=True``;
+    paper.md 3d: about 20% faster on a GPU). On a CPU that holds only where the processor has
+    bfloat16 matrix instructions (x86 AVX512-BF16 or AMX): there ViT-L runs 1.7x faster than in
+    float32 (docs/BENCHMARKS.md, inference). Without them bfloat16 products are emulated and
+    there is no such gain to expect (not measured here: this project's CPU has AVX512-BF16), so
+    those CPUs keep float32.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and _cpu_has_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _cpu_has_bf16() -> bool:
+    # torch.cpu's feature probes (cpuinfo); private, hence the fallback to "no" if they move.
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def _model_config(meta_path: Path) -> ModelConfig:

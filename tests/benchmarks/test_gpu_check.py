@@ -25,11 +25,12 @@ def test_gpu_wheels_are_the_pinned_versions():
     # pyproject.toml would measure other code than CI tests.
     makefile = (REPO / "Makefile").read_text().replace("\\\n", " ")
     wheels = dict(re.findall(r"([\w-]+)==([\w.]+)", re.search(r"^GPU_WHEELS :=(.*)$", makefile, re.M).group(1)))
-    pins = dict(dep.split("==") for dep in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pins = dict(dep.split("==") for dep in project["dependencies"] + project["optional-dependencies"]["reference"])
     shared = {name: version for name, version in wheels.items() if name in pins}
     assert shared == {name: pins[name] for name in shared}
     # Every third-party package the project imports that the image lacks is among them.
-    assert {"segment-anything", "webdataset", "fastremap", "zstandard", "imagecodecs", "roifile"} <= set(shared)
+    assert {"segment-anything", "webdataset", "fastremap", "zstandard", "imagecodecs", "roifile", "cellpose"} <= set(shared)
 
 
 def test_a_check_that_runs_past_its_limit_is_killed_with_its_children(tmp_path):

@@ -109,7 +109,7 @@ def test_option_list_is_pinned():
     assert options == sorted([
         "-h", "--help", "--checkpoint", "--out", "--glob", "--overwrite", "--no-overwrite",
         "--save-flows", "--no-save-flows", "--save-outlines", "--no-save-outlines", "--save-rois",
-        "--no-save-rois", "--channels", "--device", "--diameter", "--augment", "--no-augment",
+        "--no-save-rois", "--channels", "--device", "--precision", "--diameter", "--augment", "--no-augment",
         "--tile-overlap", "--batch-size", "--normalize", "--no-normalize", "--niter",
         "--cellprob-threshold", "--flow-threshold", "--min-size", "--max-size-fraction",
     ])
@@ -120,8 +120,9 @@ def test_options_parse_into_the_configs(monkeypatch):
     monkeypatch.setattr(cli, "run", lambda cfg: seen.setdefault("cfg", cfg) and 0)
     cli.main(["a.tif", "dir", "--checkpoint", "m.pt", "--out", "o", "--diameter", "17.5",
               "--augment", "--tile-overlap", "0.2", "--niter", "300", "--channels", "2", "0",
-              "--no-normalize"])
+              "--no-normalize", "--precision", "fp32"])
     cfg = seen["cfg"]
+    assert cfg.precision == "fp32"
     assert cfg.inputs == ("a.tif", "dir")
     assert (cfg.checkpoint, cfg.out, cfg.channels, cfg.overwrite) == ("m.pt", "o", (2, 0), False)
     p = cfg.predict
@@ -136,6 +137,10 @@ def test_bad_option_values_are_usage_errors(capsys):
         cli.main(["a.tif", "--checkpoint", "m.pt", "--out", "o", "--tile-overlap", "0.9"])
     assert exit_info.value.code == 2
     assert "tile_overlap must be in [0.05, 0.5]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["a.tif", "--checkpoint", "m.pt", "--out", "o", "--precision", "fp16"])
+    assert exit_info.value.code == 2
+    assert "precision: one of auto, bf16, fp32; got 'fp16'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from infer.predict import (
     DIAMETER_MEAN,
     TILE_SIZE,
     PredictConfig,
+    default_dtype,
     load_model,
     pad_widths,
     predict,
@@ -491,9 +492,9 @@ def test_tiny_model_predicts_masks_for_1_to_3_channels(channels):
 def test_tiny_model_export_round_trips_through_load_model(tmp_path):
     model = tiny_model(in_channels=1)
     export(model, tmp_path / "model_cellpose.pt")
-    loaded = load_model(tmp_path / "model_cellpose.pt", device="cpu")
+    loaded = load_model(tmp_path / "model_cellpose.pt", device="cpu", dtype=torch.float32)
     assert loaded.cfg.in_channels == 1 and loaded.cfg.encoder == "tiny" and not loaded.training
-    assert next(loaded.parameters()).dtype == torch.float32  # fp32 on the CPU
+    assert next(loaded.parameters()).dtype == torch.float32
     image = np.random.default_rng(0).integers(0, 500, (140, 270)).astype(np.uint16)
     expected = stitched(predict(model, image, RAW))
     np.testing.assert_array_equal(stitched(predict(loaded, image, RAW)), expected)
@@ -504,11 +505,28 @@ def test_official_layout_without_json_loads_from_shapes(tmp_path):
     # the real file, the tiny variant here) and in_channels is 3.
     model = tiny_model()
     torch.save(model_module.to_cellpose(model), tmp_path / "cpsam")
-    loaded = load_model(tmp_path / "cpsam", device="cpu")
+    loaded = load_model(tmp_path / "cpsam", device="cpu", dtype=torch.float32)
     assert loaded.cfg.encoder == "tiny" and loaded.cfg.in_channels == 3
     image = np.random.default_rng(1).random((64, 64, 2)).astype(np.float32)
     expected = stitched(predict(model, image, RAW))
     np.testing.assert_array_equal(stitched(predict(loaded, image, RAW)), expected)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [
+    (False, False, torch.float32), (True, False, torch.bfloat16), (False, True, torch.bfloat16),
+])
+def test_default_dtype_is_bf16_where_the_hardware_has_it(monkeypatch, tmp_path, avx512_bf16, amx, expected):
+    # Cellpose 4 runs bf16 everywhere by default; here the CPU does only with bf16 instructions.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert default_dtype("cpu") == expected
+    assert default_dtype("cuda") == default_dtype(torch.device("cuda", 1)) == torch.bfloat16
+    export(tiny_model(), tmp_path / "m.pt")
+    assert next(load_model(tmp_path / "m.pt", device="cpu").parameters()).dtype == expected
+    # Probes missing from another torch release: float32, never an error.
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert default_dtype("cpu") == torch.float32
 
 
 def test_bf16_model_returns_float32_close_to_fp32(tmp_path):
