@@ -559,17 +559,14 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 
     Cellpose 4 runs its network in bfloat16 by default on every device (``use_bfloat16=True``;
     paper.md 3d: about 20% faster on a GPU). On a CPU that holds only where the processor has
-    bfloat16 matrix instructions (x86 AVX512-BF16 or AMX): there ViT-L runs 1.7x faster than in
+    bfloat16 matrix instructions (x86 AVX512-BF16 or AMX): there ViT-L runs 1.75x faster than in
     float32 (docs/BENCHMARKS.md, inference). Without them bfloat16 products are emulated and
     there is no such gain to expect (not measured here: this project's CPU has AVX512-BF16), so
     those CPUs keep float32.
     """
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16
-    if device.type == "cpu" and _cpu_has_bf16():
-        return torch.bfloat16
-    return torch.float32
+    native = device.type == "cuda" or (device.type == "cpu" and _cpu_has_bf16())
+    return torch.bfloat16 if native else torch.float32
 
 
 def _cpu_has_bf16() -> bool:
