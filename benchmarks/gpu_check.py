@@ -57,7 +57,7 @@ from benchmarks.bench_train import make_shards, python_path
 REPO = Path(__file__).resolve().parents[1]
 # The packages whose versions the env record lists (the device's image brings its own torch).
 PACKAGES = ("torch", "torchvision", "numpy", "numba", "segment-anything", "webdataset", "fastremap",
-            "zstandard", "pyarrow", "imagecodecs", "tifffile", "roifile")
+            "zstandard", "pyarrow", "imagecodecs", "tifffile", "roifile", "cellpose")
 
 
 @dataclass(frozen=True)
