@@ -9,6 +9,9 @@ bit rather than to a tolerance.
 Flow following has a 2-D kernel (the hot path) and a 3-D one. The other kernels work on
 (Z, Y, X) volumes and take 2-D images as Z = 1, where a z-neighbourhood clipped to the volume is
 the 2-D neighbourhood, so one code path serves both.
+
+Every kernel releases the GIL (``nogil``): on a GPU, ``infer.predict.predict_stream`` follows
+one image's flows in a worker thread while the main thread keeps the network busy.
 """
 
 import numba
@@ -28,7 +31,7 @@ _CHUNK = 2048
 # ------------------------------------------------------------------------------------------------
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def prepare_flows_2d_numba(dP, cellprob, threshold, flow_scale):
     """The step field and the pixels to follow; see ``_follow_flows_reference``.
 
@@ -59,7 +62,7 @@ def prepare_flows_2d_numba(dP, cellprob, threshold, flow_scale):
     return padded_flows, starts
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def follow_flows_2d_numba(padded_flows, starts, niter, scale, tol):
     """Euler-integrate 2-D flows from each start pixel; see ``_follow_flows_reference``.
 
@@ -153,7 +156,7 @@ def follow_flows_2d_numba(padded_flows, starts, niter, scale, tol):
     return final
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def follow_flows_3d_numba(padded_flows, starts, niter, scale, tol):
     """Euler-integrate 3-D flows from each start voxel; see ``_follow_flows_reference``.
 
@@ -220,7 +223,7 @@ def follow_flows_3d_numba(padded_flows, starts, niter, scale, tol):
 # ------------------------------------------------------------------------------------------------
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def histogram_numba(final_positions, shape):
     """Truncate (n, ndim) final positions to bins; return (flat bin per pixel int64, counts per
     bin int32 of size prod(shape)). Positions are >= 0, so truncation is floor."""
@@ -239,7 +242,7 @@ def histogram_numba(final_positions, shape):
     return bins, hist
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def is_local_max_numba(hist, candidates, radius):
     """For each flat index in ``candidates``, whether its bin is the maximum of the
     (2 * radius + 1)^3 window around it, clipped to the (Z, Y, X) ``hist``. Ties count as maxima.
@@ -260,7 +263,7 @@ def is_local_max_numba(hist, candidates, radius):
     return is_max
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def grow_seeds_numba(hist, seeds, radius, n_rounds, min_count):
     """Label the bins each seed reaches; see ``_cluster_bins_reference``.
 
@@ -314,7 +317,7 @@ def grow_seeds_numba(hist, seeds, radius, n_rounds, min_count):
 # ------------------------------------------------------------------------------------------------
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def mean_flow_error_numba(masks, flows_from_masks, dP, flow_scale, n_labels):
     """Per label, the mean over its pixels of ``sum_c (flows_from_masks[c] - dP[c] / flow_scale)^2``
     in float64; see ``_mean_flow_error_reference``. Returns (n_labels + 1,) float64, 0 where a
@@ -338,7 +341,7 @@ def mean_flow_error_numba(masks, flows_from_masks, dP, flow_scale, n_labels):
     return sums
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def relabel_numba(masks_flat, keep):
     """Renumber kept labels 1..N in raster order of first appearance; others become 0.
 
@@ -359,7 +362,7 @@ def relabel_numba(masks_flat, keep):
     return out, n
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def fill_holes_numba(masks, n_labels, is_3d):
     """Fill each object's holes in place, objects 1..n_labels in order; see
     ``_fill_holes_reference``.

@@ -17,8 +17,15 @@ An image whose ``_masks.tif`` (and any other output asked for) exists is skipped
 ``--overwrite``. A file that cannot be read or predicted gets one ``ERROR <file>: <reason>``
 line and the others go on; the exit status is 1 if any file failed, 2 for bad arguments (a
 missing checkpoint or input is reported before any file is processed), else 0.
-``<out>/summary.csv`` gets one row per input: file (absolute path), size (HxW), n_cells, seconds,
-status (ok, skipped, failed) and error.
+``<out>/summary.csv`` gets one row per input, in the order of the files: file (absolute path),
+size (HxW), n_cells, seconds (from the start of reading the file to its last output written;
+images overlap, so these add up to more than the run), status (ok, skipped, failed) and error.
+
+Files are read a few ahead by a thread, the tiles of consecutive images share network batches
+(``--batch-size`` tiles per call, whichever images they come from), and on a GPU the masks of
+one image are followed and written while the network runs on the next
+(``infer.predict.predict_stream``). A network call that fails is retried image by image, so
+only the image that fails on its own is reported failed.
 
 Under ``torchrun`` (WORLD_SIZE > 1) every rank takes a disjoint, deterministic share of the files
 (largest first, each to the rank with the fewest bytes so far; ties to the lower rank), on
@@ -36,13 +43,17 @@ import argparse
 import ast
 import csv
 import dataclasses
+import functools
 import inspect
 import logging
 import os
+import queue
 import sys
 import textwrap
+import threading
 import time
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -61,7 +72,7 @@ from infer.outputs import (
     write_overlay,
     write_rois,
 )
-from infer.predict import PredictConfig, load_model, predict
+from infer.predict import PredictConfig, load_model, predict_stream
 from pipeline.io import SUPPORTED_SUFFIXES, read_image, read_labels
 
 __all__ = ["InferConfig", "main", "run"]
@@ -274,54 +285,136 @@ def run(cfg: InferConfig) -> int:
 
 
 def _process(model, jobs: list[_Job], cfg: InferConfig, summary: Path, show_progress: bool) -> int:
-    """Run every job, appending a summary row as each ends; return how many failed."""
+    """Run every job, appending a summary row as each ends; return how many failed.
+
+    Three stages overlap: a thread reads the next files (:func:`_read_ahead`), the network runs
+    the tiles of consecutive images pooled into batches (``infer.predict.predict_stream``), and
+    on a GPU a worker follows the flows and writes each image's outputs (:func:`_write`) while
+    the network goes on. Rows come out in the order of ``jobs``.
+    """
     n_failed = 0
     with open(summary, "w", newline="") as fh, logging_redirect_tqdm():
         writer = csv.DictWriter(fh, fieldnames=SUMMARY_COLUMNS)
         writer.writeheader()
-        for job in tqdm(jobs, disable=not show_progress, unit="image", dynamic_ncols=True):
-            row = _process_one(model, job, cfg)
+        bar = tqdm(total=len(jobs), disable=not show_progress, unit="image", dynamic_ncols=True)
+        then = functools.partial(_write, cfg=cfg)
+        for item, result in predict_stream(model, _read_ahead(jobs, cfg), cfg.predict, then=then):
+            row = _row(item, result)
             if row["status"] == "failed":
                 n_failed += 1
-                log.error("%s: %s", job.path, row["error"])
+                log.error("%s: %s", item.job.path, row["error"])
             writer.writerow(row)
             fh.flush()  # a run cut short keeps the rows so far
+            bar.update()
+        bar.close()
     return n_failed
 
 
-def _process_one(model, job: _Job, cfg: InferConfig) -> dict:
-    """Predict and write one image; never raises for a bad file (the row says what failed)."""
-    started = time.perf_counter()
-    paths = output_paths(cfg.out, job.relative)
+@dataclass(eq=False)
+class _Item:
+    """One job on its way through :func:`_process`."""
+
+    job: _Job
+    paths: OutputPaths
+    started: float  # perf_counter() when its file began to be read
+    image: np.ndarray | None = None  # kept for the outlines only
+
+
+class _NoPrediction(Exception):
+    """A job that needs no network (skipped, or failed before reading): its summary row.
+
+    Passed through ``predict_stream`` in the job's place, so that rows keep the jobs' order.
+    """
+
+    def __init__(self, row: dict):
+        super().__init__(row["status"])
+        self.row = row
+
+
+# Files read ahead of the network: enough to fill a batch of small images without holding many.
+_READ_AHEAD = 4
+
+
+def _read_ahead(jobs: list[_Job], cfg: InferConfig) -> Iterator[tuple[_Item, np.ndarray | BaseException]]:
+    """``(item, image or the reason there is none)`` per job, read by a thread a few files ahead."""
+    results: queue.Queue = queue.Queue(maxsize=_READ_AHEAD)
+    stop = threading.Event()
+
+    def reader() -> None:
+        for job in jobs:
+            loaded = _load(job, cfg)
+            while not stop.is_set():
+                try:
+                    results.put(loaded, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                return
+        results.put(None)
+
+    thread = threading.Thread(target=reader, name="read-ahead", daemon=True)
+    thread.start()
+    try:
+        while (loaded := results.get()) is not None:
+            yield loaded
+    finally:
+        stop.set()  # the consumer stopped early: let the reader end
+        thread.join()
+
+
+def _load(job: _Job, cfg: InferConfig) -> tuple[_Item, np.ndarray | BaseException]:
+    """Read one job's image; never raises (a failure is returned in the image's place)."""
+    item = _Item(job, output_paths(cfg.out, job.relative), time.perf_counter())
     row = dict.fromkeys(SUMMARY_COLUMNS, "") | {"file": str(job.path)}
     if job.error is not None:
-        return {**row, "status": "failed", "error": job.error}
+        return item, _NoPrediction({**row, "status": "failed", "error": job.error})
     try:
-        if not cfg.overwrite and _is_done(paths, cfg):
-            masks = read_labels(paths.masks)
+        if not cfg.overwrite and _is_done(item.paths, cfg):
+            masks = read_labels(item.paths.masks)
             size = "x".join(map(str, masks.shape))
-            return {**row, "size": size, "n_cells": _count_cells(masks), "status": "skipped"}
+            return item, _NoPrediction({**row, "size": size, "n_cells": _count_cells(masks), "status": "skipped"})
         image = read_image(job.path, channels=cfg.channels)
-        prediction = predict(model, image, cfg.predict)
-        paths.masks.parent.mkdir(parents=True, exist_ok=True)
-        if cfg.save_flows:
-            write_array(paths.flows, prediction.flows)
-            write_array(paths.cellprob, prediction.cellprob)
-        if cfg.save_outlines:
-            write_overlay(paths.outlines, image, prediction.masks)
-        if cfg.save_rois:
-            write_rois(paths.rois, prediction.masks)
-        write_masks(paths.masks, prediction.masks)  # last: its presence marks the image done
     except Exception as error:  # noqa: BLE001 -- one bad file must not stop the others
-        return {**row, "seconds": f"{time.perf_counter() - started:.3f}", "status": "failed",
-                "error": _reason(error, job.path)}
+        return item, error
+    if cfg.save_outlines:
+        item.image = image
+    return item, image
+
+
+def _write(item: _Item, prediction, cfg: InferConfig) -> dict:
+    """Write one image's outputs (masks last: their presence marks the image done); its row."""
+    paths = item.paths
+    paths.masks.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.save_flows:
+        write_array(paths.flows, prediction.flows)
+        write_array(paths.cellprob, prediction.cellprob)
+    if cfg.save_outlines:
+        write_overlay(paths.outlines, item.image, prediction.masks)
+        item.image = None
+    if cfg.save_rois:
+        write_rois(paths.rois, prediction.masks)
+    write_masks(paths.masks, prediction.masks)
     return {
-        **row,
-        "size": "x".join(map(str, image.shape[:2])),
+        "file": str(item.job.path),
+        "size": "x".join(map(str, prediction.masks.shape)),
         "n_cells": _count_cells(prediction.masks),
-        "seconds": f"{time.perf_counter() - started:.3f}",
+        "seconds": f"{time.perf_counter() - item.started:.3f}",
         "status": "ok",
+        "error": "",
     }
+
+
+def _row(item: _Item, result) -> dict:
+    """The summary row of a job from what ``predict_stream`` gave for it."""
+    if isinstance(result, _NoPrediction):
+        return result.row
+    if isinstance(result, BaseException):
+        return dict.fromkeys(SUMMARY_COLUMNS, "") | {
+            "file": str(item.job.path), "seconds": f"{time.perf_counter() - item.started:.3f}",
+            "status": "failed", "error": _reason(result, item.job.path),
+        }
+    return result
 
 
 def _is_done(paths: OutputPaths, cfg: InferConfig) -> bool:

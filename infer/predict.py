@@ -38,7 +38,9 @@ Where this differs from Cellpose:
   tiles and blends on the CPU in NumPy with a float64 taper. With the same network, stitched
   outputs agree with ``cellpose.core.run_net`` to 2e-7 (values of order 1), and to 5e-5 after
   a diameter rescale, where cv2's resize and torch's round differently (see the tests).
-* Tiles of several images are not batched together; each image is run on its own.
+* Tiles of consecutive images are pooled into the same batches (:func:`predict_many`,
+  :func:`predict_stream`), and on a GPU the masks of one image are followed while the network
+  runs on the next; Cellpose runs each image on its own.
 """
 
 from __future__ import annotations
@@ -48,9 +50,13 @@ import json
 import logging
 import math
 import numbers
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -69,6 +75,8 @@ __all__ = [
     "load_model",
     "pad_widths",
     "predict",
+    "predict_many",
+    "predict_stream",
     "predict_tiles",
     "taper_weights",
     "tile_grid",
@@ -309,35 +317,101 @@ def predict(
         ``masks`` (H, W) uint16/uint32 or None, ``flows`` (2, H, W) float32, ``cellprob``
         (H, W) float32.
     """
-    image = _checked_image(image)
-    height, width, _ = image.shape
-    if cfg.normalize:
-        image = normalize_percentile(image)
-    image = np.ascontiguousarray(image, dtype=np.float32)
-    n_bad = image.size - np.count_nonzero(np.isfinite(image))
-    if n_bad:
-        raise ValueError(
-            f"image has {n_bad} non-finite pixels (NaN or inf); replace them (e.g. np.nan_to_num) "
-            "before predicting"
-        )
+    return next(predict_many(model, [image], cfg, overlap=False))
+
+
+def predict_many(
+    model: torch.nn.Module,
+    images: Iterable[np.ndarray],
+    cfg: PredictConfig = PredictConfig(),
+    *,
+    overlap: bool | None = None,
+) -> Iterator[Prediction]:
+    """:func:`predict` for each image in turn, lazily, with tiles of consecutive images pooled.
+
+    The same results as calling :func:`predict` on each image (to float rounding: batches are
+    composed differently), in the same order, faster where images are small: a folder of
+    256 x 256 images runs ``cfg.batch_size`` images per network call instead of one (Cellpose 4
+    runs each image's tiles on their own: users' complaint #1460 in paper.md section 4). With
+    ``overlap`` the masks of an image are followed in a worker thread while the network runs on
+    the next ones (default: on a GPU, where the network and the CPU-side mask step do not compete
+    for the same cores). The first image that fails raises; see :func:`predict_stream` to go on.
+    """
+    for _, result in predict_stream(model, enumerate(images), cfg, overlap=overlap):
+        if isinstance(result, BaseException):
+            raise result
+        yield result
+
+
+def predict_stream(
+    model: torch.nn.Module,
+    items: Iterable[tuple[Any, np.ndarray | BaseException]],
+    cfg: PredictConfig = PredictConfig(),
+    *,
+    overlap: bool | None = None,
+    then: Callable[[Any, Prediction], Any] | None = None,
+) -> Iterator[tuple[Any, Any]]:
+    """:func:`predict_many` for ``(key, image)`` pairs, each failure kept to its own image.
+
+    Yields ``(key, result)`` in the order of ``items``: ``result`` is the image's
+    :class:`Prediction`, or ``then(key, prediction)`` when ``then`` is given (it runs where the
+    masks do, so that writing files also overlaps the network), or the exception that stopped
+    this image. An item whose image is an exception (e.g. the file could not be read) is passed
+    through in its place. A failing network call fails the images with tiles in that batch only.
+    Images are pulled from ``items`` as the tile pool needs them, so at most about
+    ``cfg.batch_size`` images, plus :data:`_MAX_MASKS_AHEAD` waiting for their masks, are held.
+    """
     device, _ = _device_and_dtype(model)
-    channels_first = torch.from_numpy(image).to(device).permute(2, 0, 1)
-    output = predict_tiles(model, channels_first, cfg)  # (3, H, W) float32
-    flows = output[:2].cpu().numpy()
-    cellprob = output[2].cpu().numpy()
-    masks = None
-    if cfg.compute_masks:
-        masks = flows_to_masks(
-            flows,
-            cellprob,
-            niter=cfg.niter_masks,
-            cellprob_threshold=cfg.cellprob_threshold,
-            flow_threshold=cfg.flow_threshold,
-            min_size=cfg.min_size,
-            max_size_fraction=cfg.max_size_fraction,
-        )
-    assert flows.shape == (2, height, width) and cellprob.shape == (height, width)
-    return Prediction(masks=masks, flows=flows, cellprob=cellprob)
+    if overlap is None:
+        overlap = device.type == "cuda"
+    # Input order: each entry is [key, result]; result None while the image is in the network,
+    # a Future while its masks are followed in the worker.
+    entries: deque[list] = deque()
+
+    def plans() -> Iterator[_Plan]:
+        for key, image in items:
+            entry = [key, image if isinstance(image, BaseException) else None]
+            entries.append(entry)
+            if entry[1] is not None:
+                continue
+            try:
+                plan = _plan(model, _network_input(image, cfg, device), cfg)
+            except Exception as error:  # noqa: BLE001 -- this image fails, the others go on
+                entry[1] = error
+                continue
+            plan.entry = entry
+            yield plan
+
+    def finish(key, output: torch.Tensor):
+        try:
+            prediction = _with_masks(output, cfg)
+            return prediction if then is None else then(key, prediction)
+        except Exception as error:  # noqa: BLE001 -- reported as this image's result
+            return error
+
+    def ready(force: bool) -> Iterator[tuple[Any, Any]]:
+        """Yield finished entries from the front; ``force`` waits for the worker's."""
+        while entries and entries[0][1] is not None:
+            result = entries[0][1]
+            if isinstance(result, Future):
+                in_worker = sum(isinstance(entry[1], Future) and not entry[1].done() for entry in entries)
+                if not (force or result.done() or in_worker > _MAX_MASKS_AHEAD):
+                    return
+                result = result.result()
+            key = entries.popleft()[0]
+            yield key, result
+
+    with ThreadPoolExecutor(1, thread_name_prefix="masks") if overlap else nullcontext() as pool:
+        for plan, output in _run_pooled(model, plans(), cfg):
+            key = plan.entry[0]
+            if isinstance(output, BaseException):
+                plan.entry[1] = output
+            elif pool is None:
+                plan.entry[1] = finish(key, output)
+            else:
+                plan.entry[1] = pool.submit(finish, key, output)
+            yield from ready(force=False)
+        yield from ready(force=True)
 
 
 def predict_tiles(
@@ -349,6 +423,48 @@ def predict_tiles(
     channels. Returns (3, H, W) float32 (dy, dx, cellprob) on the model's device. Uses
     ``cfg.diameter``, ``cfg.augment``, ``cfg.tile_overlap`` and ``cfg.batch_size``.
     """
+    ((_, output),) = _run_pooled(model, [_plan(model, image, cfg)], cfg)
+    if isinstance(output, BaseException):
+        raise output
+    return output
+
+
+# At most this many images wait for (or are in) the mask worker before the network waits for it:
+# it bounds the memory held by finished network outputs (3 x H x W float32 each).
+_MAX_MASKS_AHEAD = 2
+
+
+@dataclass(eq=False)
+class _Plan:
+    """One image on its way through the network: padded input, tile grid, running blend."""
+
+    padded: torch.Tensor  # (C, H + pad, W + pad), on the model's device
+    grid: list[tuple[int, int, bool, bool]]  # (y0, x0, flip_y, flip_x) per tile
+    crop: tuple[int, int, int, int]  # top, left, height, width of the image in ``padded``
+    size: tuple[int, int]  # (H, W) to return: the size before a diameter rescale
+    summed: torch.Tensor | None = None  # (3, ...) taper-weighted sum of the tile outputs
+    weights: torch.Tensor | None = None  # summed taper
+    tiles_left: int = 0
+    entry: list | None = None  # predict_stream's bookkeeping
+
+
+def _network_input(image, cfg: PredictConfig, device: torch.device) -> torch.Tensor:
+    """Steps 1-2: a checked, normalised (C, H, W) float32 tensor on ``device``."""
+    image = _checked_image(image)
+    if cfg.normalize:
+        image = normalize_percentile(image)
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    n_bad = image.size - np.count_nonzero(np.isfinite(image))
+    if n_bad:
+        raise ValueError(
+            f"image has {n_bad} non-finite pixels (NaN or inf); replace them (e.g. np.nan_to_num) "
+            "before predicting"
+        )
+    return torch.from_numpy(image).to(device).permute(2, 0, 1)
+
+
+def _plan(model: torch.nn.Module, image: torch.Tensor, cfg: PredictConfig) -> _Plan:
+    """Steps 3-5 for a (C, H, W) float tensor: channels, rescale, pad and the tile grid."""
     if image.ndim != 3 or not image.is_floating_point():
         raise ValueError(
             f"image must be a float (C, H, W) tensor; got {image.dtype} {tuple(image.shape)}"
@@ -366,44 +482,128 @@ def predict_tiles(
                 "cell diameter in pixels of this image (or no diameter)"
             )
         image = _resize(image, size)
-    output = _run_padded(model, image, cfg)
-    if rescale != 1.0:
-        output = _resize(output, (height, width))
-    return output
-
-
-def _run_padded(model: torch.nn.Module, image: torch.Tensor, cfg: PredictConfig) -> torch.Tensor:
-    """Pad, tile, run, un-flip and blend; return (3, H, W) float32 for a (C, H, W) image."""
-    height, width = image.shape[-2:]
-    size = _tile_size(model)
-    (top, bottom), (left, right) = pad_widths(height, size), pad_widths(width, size)
+    tile = _tile_size(model)
+    rows, cols = image.shape[-2:]
+    (top, bottom), (left, right) = pad_widths(rows, tile), pad_widths(cols, tile)
     padded = F.pad(image, (left, right, top, bottom))
-    grid = tile_grid(tuple(padded.shape[-2:]), size, cfg.tile_overlap, cfg.augment)
+    grid = tile_grid(tuple(padded.shape[-2:]), tile, cfg.tile_overlap, cfg.augment)
+    return _Plan(padded, grid, (top, left, rows, cols), (height, width), tiles_left=len(grid))
+
+
+def _run_pooled(
+    model: torch.nn.Module, plans: Iterable[_Plan], cfg: PredictConfig
+) -> Iterator[tuple[_Plan, torch.Tensor | BaseException]]:
+    """Steps 6-7: run the tiles of consecutive plans ``cfg.batch_size`` at a time and blend.
+
+    Yields each plan, in order, with its (3, H, W) float32 output once its last tile has run, or
+    with the exception of a network call on its tiles (its other tiles are then skipped; a
+    failed call that pooled several images is retried image by image first, so only the
+    images whose own tiles fail are lost). Plans are pulled from ``plans`` only when the pool
+    has fewer than a batch of tiles.
+    """
+    size = _tile_size(model)
     device, dtype = _device_and_dtype(model)
     taper = torch.from_numpy(taper_weights(size)).to(device=device, dtype=torch.float32)
-    summed = torch.zeros((3, *padded.shape[-2:]), dtype=torch.float32, device=device)
-    weights = torch.zeros(padded.shape[-2:], dtype=torch.float32, device=device)
+    queue: deque[tuple[_Plan, int]] = deque()  # (plan, tile index) not yet run
+    plans = iter(plans)
+    exhausted = False
 
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            for first in range(0, len(grid), cfg.batch_size):
-                batch = grid[first : first + cfg.batch_size]
-                tiles = torch.stack([
-                    _flip(padded[:, y0 : y0 + size, x0 : x0 + size], flip_y, flip_x)
-                    for y0, x0, flip_y, flip_x in batch
-                ])
-                outputs = _checked_output(model(tiles.to(dtype)), len(batch), size).float()
-                for (y0, x0, flip_y, flip_x), tile_output in zip(batch, outputs):
-                    tile_output = _unflip_flows(tile_output, flip_y, flip_x)
-                    summed[:, y0 : y0 + size, x0 : x0 + size] += tile_output * taper
-                    weights[y0 : y0 + size, x0 : x0 + size] += taper
+        while True:
+            while not exhausted and len(queue) < cfg.batch_size:
+                plan = next(plans, None)
+                if plan is None:
+                    exhausted = True
+                else:
+                    queue.extend((plan, index) for index in range(len(plan.grid)))
+            if not queue:
+                return
+            batch = [queue.popleft() for _ in range(min(cfg.batch_size, len(queue)))]
+            owners = list(dict.fromkeys(plan for plan, _ in batch))  # in order, once each
+            error = _run_batch(model, batch, taper, size, dtype)
+            failed: dict[_Plan, BaseException] = {}
+            if error is not None and len(owners) == 1:
+                failed[owners[0]] = error
+            elif error is not None:
+                # Retry each image's tiles on their own, so that one image (too large, or
+                # whatever the model refuses) does not fail the others it was pooled with.
+                for plan in owners:
+                    own_error = _run_batch(model, [t for t in batch if t[0] is plan], taper, size, dtype)
+                    if own_error is not None:
+                        failed[plan] = own_error
+            for plan in failed:
+                plan.tiles_left = -1
+            while queue and queue[0][0].tiles_left < 0:  # a failed image's tiles still queued
+                queue.popleft()
+            for plan in owners:
+                if plan in failed:
+                    yield plan, failed[plan]
+                elif plan.tiles_left == 0:
+                    yield plan, _blended(plan)
     finally:
         model.train(was_training)
+
+
+def _run_batch(model, batch: list[tuple[_Plan, int]], taper, size: int, dtype) -> BaseException | None:
+    """Run tiles through the network and blend them in; the exception instead, nothing blended."""
+    try:
+        with torch.inference_mode():
+            tiles = torch.stack([_cut(plan, index, size) for plan, index in batch])
+            outputs = _checked_output(model(tiles.to(dtype)), len(batch), size).float()
+    except Exception as error:  # noqa: BLE001 -- the caller decides whose images fail
+        return error
+    with torch.inference_mode():
+        for (plan, index), tile_output in zip(batch, outputs):
+            _blend(plan, index, tile_output, taper, size)
+    return None
+
+
+def _cut(plan: _Plan, index: int, size: int) -> torch.Tensor:
+    y0, x0, flip_y, flip_x = plan.grid[index]
+    return _flip(plan.padded[:, y0 : y0 + size, x0 : x0 + size], flip_y, flip_x)
+
+
+def _blend(plan: _Plan, index: int, tile_output: torch.Tensor, taper: torch.Tensor, size: int) -> None:
+    """Add one tile's un-flipped, tapered output into its plan's running sums."""
+    if plan.summed is None:
+        plan.summed = torch.zeros((3, *plan.padded.shape[-2:]), dtype=torch.float32, device=taper.device)
+        plan.weights = torch.zeros(plan.padded.shape[-2:], dtype=torch.float32, device=taper.device)
+    y0, x0, flip_y, flip_x = plan.grid[index]
+    plan.summed[:, y0 : y0 + size, x0 : x0 + size] += _unflip_flows(tile_output, flip_y, flip_x) * taper
+    plan.weights[y0 : y0 + size, x0 : x0 + size] += taper
+    plan.tiles_left -= 1
+
+
+def _blended(plan: _Plan) -> torch.Tensor:
+    """The plan's (3, H, W) output: blend, crop the padding, resize back after a rescale."""
     # Every pixel is covered by at least one tile, and the taper is > 0 everywhere.
-    blended = summed / weights
-    return blended[:, top : top + height, left : left + width].contiguous()
+    blended = plan.summed / plan.weights
+    top, left, rows, cols = plan.crop
+    output = blended[:, top : top + rows, left : left + cols].contiguous()
+    if (rows, cols) != plan.size:
+        output = _resize(output, plan.size)
+    plan.padded = plan.summed = plan.weights = None  # free them while the plan is still referenced
+    return output
+
+
+def _with_masks(output: torch.Tensor, cfg: PredictConfig) -> Prediction:
+    """Step 8 on a (3, H, W) network output."""
+    flows = output[:2].cpu().numpy()
+    cellprob = output[2].cpu().numpy()
+    masks = None
+    if cfg.compute_masks:
+        masks = flows_to_masks(
+            flows,
+            cellprob,
+            niter=cfg.niter_masks,
+            cellprob_threshold=cfg.cellprob_threshold,
+            flow_threshold=cfg.flow_threshold,
+            min_size=cfg.min_size,
+            max_size_fraction=cfg.max_size_fraction,
+        )
+    return Prediction(masks=masks, flows=flows, cellprob=cellprob)
 
 
 def _flip(tile: torch.Tensor, flip_y: bool, flip_x: bool) -> torch.Tensor:

@@ -5,6 +5,9 @@ kernel here has a plain NumPy twin in the public module (``_<name>_reference``) 
 assert the two agree; the diffusion arithmetic is written in the same order in both so they
 agree to the last bit, which keeps the comparison meaningful even at a symmetric object's centre
 where the gradient is a difference of two nearly equal numbers.
+
+Every kernel releases the GIL (``nogil``): the flow-error check of ``infer.dynamics`` recomputes
+flows here from a worker thread that runs beside the network (``infer.predict.predict_stream``).
 """
 
 import numba
@@ -15,7 +18,7 @@ import numpy as np
 # ------------------------------------------------------------------------------------------------
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def compact_ids_numba(labels_flat, max_label):
     """Map arbitrary non-negative ids to 1..N through a lookup table.
 
@@ -37,7 +40,7 @@ def compact_ids_numba(labels_flat, max_label):
     return ids_flat, n
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def object_boxes_numba(ids, n_objects):
     """Bounding boxes of objects 1..N in a (Z, Y, X) int32 id volume.
 
@@ -75,7 +78,7 @@ def object_boxes_numba(ids, n_objects):
 # ------------------------------------------------------------------------------------------------
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _label_pieces(inside, full_connectivity):
     """Connected components of a padded boolean (Z, Y, X) box, numbered 1..P in raster order.
 
@@ -124,7 +127,7 @@ def _label_pieces(inside, full_connectivity):
     return piece, n_pieces
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _piece_geometry(piece, p):
     """Bounding box (inclusive lo, exclusive hi) and centre of piece ``p`` in a padded box.
 
@@ -178,7 +181,7 @@ def _piece_geometry(piece, p):
 # ------------------------------------------------------------------------------------------------
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _diffuse_2d(weight, cy, cx, n_iter):
     """Heat after ``n_iter`` Jacobi steps of the 3x3 box average inside one 2-D piece.
 
@@ -220,7 +223,7 @@ def _diffuse_2d(weight, cy, cx, n_iter):
     return heat
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _diffuse_3d(weight, cz, cy, cx, n_iter):
     """3-D twin of :func:`_diffuse_2d`: Cellpose's 7-point stencil (self + 6 faces), weight 1/7."""
     nz, ny, nx = weight.shape
@@ -256,7 +259,7 @@ def _diffuse_3d(weight, cz, cy, cx, n_iter):
 # ------------------------------------------------------------------------------------------------
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _object_heat(ids, k, lo, hi, is_2d, heat):
     """Diffuse every piece of object ``k`` (1-based) and write its final heat into ``heat``."""
     # Padded box around the object: one zero voxel each side (in z only for 3-D).
@@ -306,7 +309,7 @@ def _object_heat(ids, k, lo, hi, is_2d, heat):
                         heat[lo[0] + z0 + z - pz, lo[1] + y0 + y - 1, lo[2] + x0 + x - 1] = piece_heat[z, y, x]
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def heat_numba(ids, lo, hi, order, is_2d, n_threads):
     """Final diffusion heat (Z, Y, X) float64 of every object in a compact int32 id volume.
 
@@ -324,7 +327,7 @@ def heat_numba(ids, lo, hi, order, is_2d, n_threads):
     return heat
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def unit_gradient_numba(heat, ids, is_2d):
     """Central-difference gradient of ``heat`` on object voxels, normalised; 0 elsewhere.
 

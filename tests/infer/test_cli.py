@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from PIL import Image
 
 from infer import cli
 from infer.cli import _find_jobs, _parser, _share
+from infer.predict import PredictConfig, load_model, predict
 from pipeline.io import read_labels
 from pipeline.model import ModelConfig, build_model, to_cellpose
 from pipeline.synthetic import generate
@@ -353,6 +355,43 @@ def test_collisions_and_unsupported_files_fail_alone(tmp_path, checkpoint, caplo
     assert (tmp_path / "out" / "in" / "w_masks.tif").exists()
     error_lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(error_lines) == 3 and all(str(tmp_path) in line for line in error_lines)
+
+
+def test_pooled_run_writes_what_each_image_gives_alone_in_file_order(tmp_path, checkpoint):
+    # Several small images share network batches (tiles pooled across images, read ahead by a
+    # thread): each image's masks must still be those of predict() on that image alone, and the
+    # summary rows keep the files' order, a failed file in its place.
+    folder = tmp_path / "in"
+    folder.mkdir()
+    images = {f"{i}.tif": generate("nuclei", shape, seed=i)[0][..., 0]
+              for i, shape in enumerate([(60, 70), (300, 280), (100, 100), (256, 300), (80, 90)])}
+    for name, image in images.items():
+        tifffile.imwrite(folder / name, image)
+    touch(folder / "2b.tif", b"II*\x00 not a TIFF")
+    status = cli.main([str(folder), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"),
+                       "--batch-size", "3", "--precision", "fp32", *MASK_OPTIONS])
+    assert status == 1
+    with open(tmp_path / "out" / "summary.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [Path(row["file"]).name for row in rows] == sorted([*images, "2b.tif"])
+    assert [row["status"] for row in rows] == ["ok", "ok", "ok", "failed", "ok", "ok"]
+    model = load_model(checkpoint, device="cpu", dtype=torch.float32)
+    options = PredictConfig(flow_threshold=0.0, min_size=0, batch_size=3)
+    for name, image in images.items():
+        expected = predict(model, image, options).masks
+        np.testing.assert_array_equal(read_labels(tmp_path / "out" / name.replace(".tif", "_masks.tif")), expected)
+
+
+def test_read_ahead_thread_ends_when_the_consumer_stops(tmp_path):
+    files = [tifffile.imwrite(tmp_path / f"{i}.tif", np.full((20, 20), i, np.uint16)) or tmp_path / f"{i}.tif"
+             for i in range(20)]
+    jobs = [cli._Job(path, Path(path.name)) for path in files]
+    config = cli.InferConfig(inputs=(str(tmp_path),), checkpoint="unused", out=str(tmp_path / "out"))
+    stream = cli._read_ahead(jobs, config)
+    (item, image), _ = next(stream), next(stream)
+    assert item.job is jobs[0] and image[0, 0] == 0
+    stream.close()  # the consumer stops with the reader blocked on a full queue
+    assert not any(t.name == "read-ahead" for t in threading.enumerate())
 
 
 def test_outputs_beside_the_images_are_not_taken_as_inputs(tmp_path, checkpoint):

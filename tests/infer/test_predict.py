@@ -31,6 +31,8 @@ from infer.predict import (
     load_model,
     pad_widths,
     predict,
+    predict_many,
+    predict_stream,
     predict_tiles,
     taper_weights,
     tile_grid,
@@ -452,6 +454,146 @@ def test_too_large_a_diameter_is_an_error():
 def test_config_checks(options, match):
     with pytest.raises((TypeError, ValueError), match=match):
         PredictConfig(**options)
+
+
+# ------------------------------------------------------------------------------------------------
+# Several images: tiles pooled across images, failures kept to their image
+# ------------------------------------------------------------------------------------------------
+
+
+class CallCountingNet(ConvNet):
+    """ConvNet that records the batch size of every call, and fails on a tile holding ``poison``."""
+
+    def __init__(self, poison=None):
+        super().__init__()
+        self.batches = []
+        self.poison = poison
+
+    def forward(self, tiles):
+        self.batches.append(tiles.shape[0])
+        if self.poison is not None and (tiles == self.poison).any():
+            raise RuntimeError("out of memory (simulated)")
+        return super().forward(tiles)
+
+
+def mixed_images(n=7, seed=3):
+    """Images of 1, 2, 4 and 9 tiles, in an order that makes batches straddle images."""
+    rng = np.random.default_rng(seed)
+    shapes = [(100, 120), (256, 300), (40, 500), (520, 310), (256, 256), (9, 9), (400, 400)]
+    return [rng.random((*shapes[i % len(shapes)], 3)).astype(np.float32) for i in range(n)]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("options", [{}, {"augment": True}, {"diameter": 45.0}, {"batch_size": 1}])
+def test_pooled_images_give_what_each_image_gives_alone(options, overlap):
+    images = mixed_images()
+    net = ConvNet().eval()
+    cfg = raw(batch_size=options.pop("batch_size", 5), **options)
+    alone = [stitched(predict(net, image, cfg)) for image in images]
+    pooled = [stitched(p) for p in predict_many(net, images, cfg, overlap=overlap)]
+    assert len(pooled) == len(images)
+    for ours, reference in zip(pooled, alone):
+        np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+def test_tiles_of_small_images_share_network_calls():
+    # Cellpose 4 runs each image's tiles on their own (paper.md section 4, #1460): ten one-tile
+    # images at batch_size 4 are ten calls of one tile there, three calls (4 + 4 + 2) here.
+    images = [np.random.default_rng(i).random((200, 200)).astype(np.float32) for i in range(10)]
+    net = CallCountingNet().eval()
+    list(predict_many(net, images, raw(batch_size=4)))
+    assert net.batches == [4, 4, 2]
+
+
+def test_masks_are_those_of_each_image_alone():
+    from pipeline.synthetic import generate
+
+    images = [generate("nuclei", shape, seed=i)[0] for i, shape in enumerate([(120, 140), (300, 260), (90, 90)])]
+    model = tiny_model(in_channels=1)
+    cfg = PredictConfig(flow_threshold=0.0, min_size=0, batch_size=3)
+    for overlap in (False, True):
+        for image, pooled in zip(images, predict_many(model, images, cfg, overlap=overlap)):
+            np.testing.assert_array_equal(pooled.masks, predict(model, image, cfg).masks)
+
+
+def test_a_bad_image_fails_alone_and_order_is_kept():
+    images = mixed_images(5)
+    images[1] = images[1].copy()
+    images[1][3, 4] = np.nan  # refused before the network
+    unreadable = OSError("cannot read b.tif")
+    items = [("a", images[0]), ("b", unreadable), ("c", images[1]), ("d", images[2]), ("e", "not an array")]
+    net = ConvNet().eval()
+    results = list(predict_stream(net, items, raw(batch_size=3)))
+    assert [key for key, _ in results] == ["a", "b", "c", "d", "e"]
+    assert results[1][1] is unreadable  # passed through in its place
+    assert isinstance(results[2][1], ValueError) and "non-finite" in str(results[2][1])
+    assert isinstance(results[4][1], TypeError)
+    for (key, result), image in ((results[0], images[0]), (results[3], images[2])):
+        np.testing.assert_allclose(stitched(result), stitched(predict(net, image, RAW)), atol=1e-5)
+
+
+def test_a_failing_network_call_fails_only_the_image_that_fails_alone():
+    # One tile each, batch_size 2: calls (0, 1), (2, 3), (4,). Image 2 holds the poison value, so
+    # the call (2, 3) fails; it is retried image by image: 2 fails again, 3 succeeds.
+    images = [np.full((100, 100), float(i + 1), dtype=np.float32) for i in range(5)]
+    net = CallCountingNet(poison=3.0).eval()
+    results = dict(predict_stream(net, enumerate(images), raw(batch_size=2)))
+    failed = sorted(key for key, result in results.items() if isinstance(result, BaseException))
+    assert failed == [2]
+    assert "out of memory" in str(results[2])
+    assert net.batches == [2, 2, 1, 1, 1]
+    for key in (0, 1, 3, 4):
+        np.testing.assert_allclose(stitched(results[key]), stitched(predict(ConvNet().eval(), images[key], RAW)), atol=1e-6)
+    # A multi-tile image whose tiles straddle the failed call: its later tiles are not run.
+    big = np.full((520, 520), 3.0, dtype=np.float32)  # 9 tiles, all poisoned
+    net = CallCountingNet(poison=3.0).eval()
+    results = list(predict_stream(net, enumerate([images[0], big, images[1]]), raw(batch_size=4)))
+    assert [isinstance(r, BaseException) for _, r in results] == [False, True, False]
+    # (image 0, big x 3) fails, then image 0 alone and big's 3 alone; big's other 6 tiles are
+    # skipped; image 1 runs alone.
+    assert net.batches == [4, 1, 3, 1]
+
+
+def test_images_are_pulled_only_as_the_pool_needs_them():
+    pulled = []
+
+    def images():
+        for i in range(50):
+            pulled.append(i)
+            yield np.zeros((100, 100), dtype=np.float32)
+
+    stream = predict_many(ConvNet().eval(), images(), raw(batch_size=4))
+    next(stream)
+    assert len(pulled) <= 4 + 1  # one batch of one-tile images, and the next one it looked at
+
+
+def test_then_runs_on_each_prediction_and_its_errors_are_results():
+    images = [np.zeros((60, 60), dtype=np.float32) + i for i in range(4)]
+
+    def then(key, prediction):
+        if key == 2:
+            raise OSError("disk full")
+        return key, prediction.flows.shape
+
+    for overlap in (False, True):
+        results = list(predict_stream(ConvNet().eval(), enumerate(images), raw(batch_size=3), then=then, overlap=overlap))
+        assert [r for _, r in results if not isinstance(r, BaseException)] == [(0, (2, 60, 60)), (1, (2, 60, 60)), (3, (2, 60, 60))]
+        assert isinstance(results[2][1], OSError)
+
+
+def test_overlap_defaults_to_the_gpu_only(monkeypatch):
+    used = []
+    real = predict_module.ThreadPoolExecutor
+
+    def spy(*args, **kwargs):
+        used.append(True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "ThreadPoolExecutor", spy)
+    list(predict_many(ConvNet().eval(), [np.zeros((50, 50), dtype=np.float32)], RAW))
+    assert used == []  # on the CPU the network and the mask kernels share the same cores
+    list(predict_many(ConvNet().eval(), [np.zeros((50, 50), dtype=np.float32)], RAW, overlap=True))
+    assert used == [True]
 
 
 # ------------------------------------------------------------------------------------------------
