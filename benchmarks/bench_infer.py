@@ -4,7 +4,8 @@
 
 One ViT-L checkpoint (random weights, seeded: no trained weights can be downloaded here) is
 written in Cellpose's cpsam layout and loaded by both. A real Cellpose "cyto" image from
-../shared/data, cropped (or tiled) to ``--size`` x ``--size``, is segmented with each one's
+../shared/data (a synthetic one where that folder is absent, as on a lent GPU), cropped (or
+tiled) to ``--size`` x ``--size``, is segmented with each one's
 default settings (normalisation, 256 x 256 tiles overlapping by 10%, the network, blending,
 following the flows, flow-error QC), alternating the variants so that machine load hits them
 alike:
@@ -40,16 +41,21 @@ from infer.predict import PredictConfig, load_model, predict
 from pipeline.io import read_image
 from pipeline.metrics import average_precision
 from pipeline.model import CPSAM, ModelConfig, to_cellpose
+from pipeline.synthetic import generate
 
 
-def test_image(size: int, root: Path = SHARED_DATA) -> np.ndarray:
-    """(size, size, 3) float32: the first Cellpose cyto training image, tiled (reflected) to size."""
+def test_image(size: int, root: Path = SHARED_DATA) -> tuple[np.ndarray, str]:
+    """(size, size, 3) float32 and where it comes from: the first Cellpose cyto training image,
+    tiled (reflected) to size; without ../shared/data (it does not travel to a lent GPU) a
+    synthetic cyto image in the same layout (G cytoplasm, R nucleus, B = 0). The network's time
+    does not depend on the content; with random weights the mask step's hardly does."""
     files = sorted((root / "cellpose_cyto" / "train").glob("*_img.png"))
     if not files:
-        raise FileNotFoundError(f"no *_img.png under {root / 'cellpose_cyto' / 'train'}")
+        image = generate("cyto", (size, size), seed=0)[0].astype(np.float32)
+        return np.concatenate([image[..., ::-1], np.zeros_like(image[..., :1])], axis=-1), "synthetic cyto"
     image = read_image(files[0]).astype(np.float32)
     reps = (-(-size // image.shape[0]), -(-size // image.shape[1]), 1)
-    return np.tile(image, reps)[:size, :size]
+    return np.tile(image, reps)[:size, :size], files[0].name
 
 
 def _sync(device: torch.device) -> None:
@@ -68,7 +74,7 @@ def main() -> None:
 
     logging.getLogger("cellpose").setLevel(logging.WARNING)
     device = torch.device(args.device)
-    image = test_image(args.size)
+    image, source = test_image(args.size)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cpsam_bench"  # a name without "dino": Cellpose reads it as a SAM model
         torch.manual_seed(0)
@@ -101,7 +107,7 @@ def main() -> None:
     (cp_masks, cp_flows), (masks, flows) = outputs["cellpose"], outputs["ours"]
     ap50 = float(average_precision(cp_masks, masks, 0.5)[0][0, 0])
     record = {
-        "name": "infer", "size": args.size, "batch_size": args.batch_size, "repeats": args.repeats,
+        "name": "infer", "size": args.size, "image": source, "batch_size": args.batch_size, "repeats": args.repeats,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description(),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "dtype_ours": str(next(ours.parameters()).dtype).removeprefix("torch."),

@@ -4,7 +4,8 @@ image at a time (``predict`` in a loop, which is also what Cellpose 4's ``eval(l
     python -m benchmarks.bench_infer_many [--checkpoint FILE] [--limit 24] [--repeats 3] [--device cpu]
 
 Images: the DSB2018 images in ../shared/data (real nuclei, 256 x 256 to 1024 x 1024, mostly one
-or two tiles each), the ``--limit`` smallest, in name order. Model: ``--checkpoint``, a trained
+or two tiles each), the ``--limit`` smallest; synthetic nuclei of the same sizes where that
+folder is absent (on a lent GPU). Model: ``--checkpoint``, a trained
 export such as the learning check's ``run/model_cellpose.pt`` (then the mask step does the work
 a trained model gives it), or by default a ViT-L with random seeded weights in Cellpose's cpsam
 layout (then Cellpose 4 is timed too, ``CellposeModel.eval(list)``, when it is installed).
@@ -37,16 +38,20 @@ from benchmarks.common import SHARED_DATA, cpu_description
 from infer.predict import PredictConfig, load_model, predict, predict_many
 from pipeline.io import read_image
 from pipeline.model import CPSAM, ModelConfig, to_cellpose
+from pipeline.synthetic import generate
 
 
-def dsb_images(limit: int, root: Path = SHARED_DATA) -> tuple[list[str], list[np.ndarray]]:
-    """The ``limit`` smallest DSB2018 images (ties by name), as ``read_image`` gives them."""
+def dsb_images(limit: int, root: Path = SHARED_DATA) -> tuple[str, list[np.ndarray]]:
+    """Where the images come from, and the ``limit`` smallest DSB2018 images (ties by name) as
+    ``read_image`` gives them. Without ../shared/data (it does not travel to a lent GPU):
+    synthetic fluorescent nuclei of the smallest DSB images' sizes, 256 x 256 and 256 x 320."""
     files = sorted((root / "dsb2018" / "stage1_train").glob("*/images/*.png"))
     if not files:
-        raise FileNotFoundError(f"no DSB2018 images under {root / 'dsb2018' / 'stage1_train'}")
+        shapes = [(256, 256), (256, 320)]
+        return "synthetic nuclei", [generate("nuclei", shapes[i % 2], seed=i)[0] for i in range(limit)]
     images = {f.stem: read_image(f) for f in files}
     names = sorted(images, key=lambda n: (images[n].shape[0] * images[n].shape[1], n))[:limit]
-    return names, [images[n] for n in names]
+    return "dsb2018", [images[n] for n in names]
 
 
 class CallCounter:
@@ -75,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("cellpose").setLevel(logging.WARNING)
     device = torch.device(args.device)
-    names, images = dsb_images(args.limit)
+    source, images = dsb_images(args.limit)
     cfg = PredictConfig(batch_size=args.batch_size)
 
     reference = None
@@ -118,7 +123,7 @@ def main() -> None:
     median = {name: statistics.median(t) for name, t in times.items()}
     alone_masks = [p.masks for p in outputs["alone"]]
     record = {
-        "name": "infer_many", "images": len(images), "pixels": int(sum(i.shape[0] * i.shape[1] for i in images)),
+        "name": "infer_many", "source": source, "images": len(images), "pixels": int(sum(i.shape[0] * i.shape[1] for i in images)),
         "sizes": sorted({f"{i.shape[0]}x{i.shape[1]}" for i in images}), "batch_size": args.batch_size,
         "repeats": args.repeats, "checkpoint": str(args.checkpoint) if args.checkpoint else "random vit_l",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description(),

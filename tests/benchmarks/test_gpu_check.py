@@ -73,6 +73,14 @@ def test_records_results_failures_and_skips(tmp_path):
     assert (tmp_path / "ok.log").read_text().startswith("warming up")
 
 
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_the_outputs_fit_what_the_device_returns(device):
+    # The device tool returns at most 8 files from $OUT: gpu_check.jsonl and one log per check.
+    checks = gpu_check.plan(device, Path("shards"))
+    assert len(checks) + 1 <= 8
+    assert len({c.name for c in checks}) == len(checks)
+
+
 @pytest.mark.slow
 def test_the_whole_run_at_the_tiny_scale(tmp_path):
     # The same script a lent GPU runs, on the CPU with the tiny model: env, the shards, two of
