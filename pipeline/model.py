@@ -72,6 +72,7 @@ __all__ = [
     "attention_extended",
     "attention_masked",
     "build_model",
+    "set_bias_as_mask",
     "sample_layer_drop",
     "read_sam_encoder",
     "load_sam_encoder",
@@ -359,6 +360,18 @@ def attention_masked(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tens
     batch, heads, tokens, _ = q.shape
     bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(batch, heads, tokens, tokens)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+def set_bias_as_mask(model: nn.Module, flag: bool) -> int:
+    """Set :attr:`RelPosAttention.bias_as_mask` on every such block of ``model``; how many.
+
+    The same function either way (tests/pipeline/test_model.py); only the speed differs with
+    the device and the batch (docs/BENCHMARKS.md, attention).
+    """
+    blocks = [module for module in model.modules() if isinstance(module, RelPosAttention)]
+    for block in blocks:
+        block.bias_as_mask = flag
+    return len(blocks)
 
 
 class CPSAM(nn.Module):

@@ -638,8 +638,23 @@ def test_tiny_model_export_round_trips_through_load_model(tmp_path):
     assert loaded.cfg.in_channels == 1 and loaded.cfg.encoder == "tiny" and not loaded.training
     assert next(loaded.parameters()).dtype == torch.float32
     image = np.random.default_rng(0).integers(0, 500, (140, 270)).astype(np.uint16)
+    extended = stitched(predict(model, image, RAW))
+    # On the CPU load_model passes the attention bias as a mask (faster there): the same
+    # function, so the same output to float rounding, and bit for bit with the same kernel.
+    assert model_module.set_bias_as_mask(model, True) == 2  # the tiny model's 2 blocks
     expected = stitched(predict(model, image, RAW))
     np.testing.assert_array_equal(stitched(predict(loaded, image, RAW)), expected)
+    np.testing.assert_allclose(expected, extended, rtol=0, atol=1e-5 * np.abs(extended).max())
+
+
+def test_load_model_picks_the_attention_kernel_by_device(tmp_path):
+    export(tiny_model(), tmp_path / "m.pt")
+    blocks = [m for m in load_model(tmp_path / "m.pt", device="cpu").modules()
+              if isinstance(m, model_module.RelPosAttention)]
+    assert len(blocks) == 2 and all(block.bias_as_mask for block in blocks)
+    model = tiny_model()
+    assert model_module.set_bias_as_mask(model, False) == 2
+    assert not any(m.bias_as_mask for m in model.modules() if isinstance(m, model_module.RelPosAttention))
 
 
 def test_official_layout_without_json_loads_from_shapes(tmp_path):
@@ -650,6 +665,7 @@ def test_official_layout_without_json_loads_from_shapes(tmp_path):
     loaded = load_model(tmp_path / "cpsam", device="cpu", dtype=torch.float32)
     assert loaded.cfg.encoder == "tiny" and loaded.cfg.in_channels == 3
     image = np.random.default_rng(1).random((64, 64, 2)).astype(np.float32)
+    model_module.set_bias_as_mask(model, True)  # as load_model does on the CPU
     expected = stitched(predict(model, image, RAW))
     np.testing.assert_array_equal(stitched(predict(loaded, image, RAW)), expected)
 
