@@ -1,5 +1,6 @@
-"""Many small images: tiles pooled across images (``infer.predict.predict_many``) against one
-image at a time (``predict`` in a loop, which is also what Cellpose 4's ``eval(list)`` does).
+"""Many small images: tiles pooled across images (``infer.predict.predict_many``, the default
+on a GPU) against one image at a time (``predict`` in a loop; what Cellpose 4's ``eval(list)``
+does, and ``predict_many`` on a CPU).
 
     python -m benchmarks.bench_infer_many [--checkpoint FILE] [--limit 24] [--repeats 3] [--device cpu]
 
@@ -12,11 +13,12 @@ layout (then Cellpose 4 is timed too, ``CellposeModel.eval(list)``, when it is i
 
 Variants, alternated so that machine load hits them alike, same model, same settings:
 
-* ``alone``: ``predict`` on each image in turn (each image's tiles in their own batches);
-* ``pooled``: ``predict_many`` (tiles of consecutive images share batches; the masks follow in
-  the same thread);
-* ``pooled_overlap``: ``predict_many(..., overlap=True)``: the masks of one image in a worker
-  thread while the network runs on the next (the default on a GPU);
+* ``alone``: ``predict`` on each image in turn (each image's tiles in their own batches; what
+  ``predict_many`` does by default on a CPU);
+* ``pooled``: ``predict_many(..., pool=True, overlap=False)``: tiles of consecutive images share
+  batches, the masks follow in the same thread;
+* ``pooled_overlap``: ``predict_many(..., pool=True, overlap=True)``: also the masks of one image
+  in a worker thread while the network runs on the next (the default on a GPU);
 * ``cellpose``: ``CellposeModel.eval(images)`` (random ViT-L only).
 
 Reports the median seconds for the whole set per variant, network calls per variant, the ratio
@@ -101,8 +103,8 @@ def main() -> None:
 
     variants = {
         "alone": lambda: [predict(model, image, cfg) for image in images],
-        "pooled": lambda: list(predict_many(model, images, cfg, overlap=False)),
-        "pooled_overlap": lambda: list(predict_many(model, images, cfg, overlap=True)),
+        "pooled": lambda: list(predict_many(model, images, cfg, pool=True, overlap=False)),
+        "pooled_overlap": lambda: list(predict_many(model, images, cfg, pool=True, overlap=True)),
     }
     if reference is not None:
         variants["cellpose"] = lambda: reference.eval(images, batch_size=args.batch_size, channel_axis=2)[0]

@@ -21,9 +21,9 @@ missing checkpoint or input is reported before any file is processed), else 0.
 size (HxW), n_cells, seconds (from the start of reading the file to its last output written;
 images overlap, so these add up to more than the run), status (ok, skipped, failed) and error.
 
-Files are read a few ahead by a thread, the tiles of consecutive images share network batches
-(``--batch-size`` tiles per call, whichever images they come from), and on a GPU the masks of
-one image are followed and written while the network runs on the next
+Files are read a few ahead by a thread, and on a GPU the tiles of consecutive images share
+network batches (``--batch-size`` tiles per call, whichever images they come from) and the masks
+of one image are followed and written while the network runs on the next
 (``infer.predict.predict_stream``). A network call that fails is retried image by image, so
 only the image that fails on its own is reported failed.
 
@@ -287,10 +287,10 @@ def run(cfg: InferConfig) -> int:
 def _process(model, jobs: list[_Job], cfg: InferConfig, summary: Path, show_progress: bool) -> int:
     """Run every job, appending a summary row as each ends; return how many failed.
 
-    Three stages overlap: a thread reads the next files (:func:`_read_ahead`), the network runs
-    the tiles of consecutive images pooled into batches (``infer.predict.predict_stream``), and
-    on a GPU a worker follows the flows and writes each image's outputs (:func:`_write`) while
-    the network goes on. Rows come out in the order of ``jobs``.
+    A thread reads the next files (:func:`_read_ahead`) while ``infer.predict.predict_stream``
+    runs the network (on a GPU with the tiles of consecutive images pooled into batches, and a
+    worker following the flows and writing each image's outputs, :func:`_write`, meanwhile).
+    Rows come out in the order of ``jobs``.
     """
     n_failed = 0
     with open(summary, "w", newline="") as fh, logging_redirect_tqdm():

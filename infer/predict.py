@@ -38,9 +38,9 @@ Where this differs from Cellpose:
   tiles and blends on the CPU in NumPy with a float64 taper. With the same network, stitched
   outputs agree with ``cellpose.core.run_net`` to 2e-7 (values of order 1), and to 5e-5 after
   a diameter rescale, where cv2's resize and torch's round differently (see the tests).
-* Tiles of consecutive images are pooled into the same batches (:func:`predict_many`,
-  :func:`predict_stream`), and on a GPU the masks of one image are followed while the network
-  runs on the next; Cellpose runs each image on its own.
+* On a GPU the tiles of consecutive images are pooled into the same batches, and the masks of
+  one image are followed while the network runs on the next (:func:`predict_many`,
+  :func:`predict_stream`); Cellpose runs each image on its own, as this module does on a CPU.
 """
 
 from __future__ import annotations
@@ -317,7 +317,7 @@ def predict(
         ``masks`` (H, W) uint16/uint32 or None, ``flows`` (2, H, W) float32, ``cellprob``
         (H, W) float32.
     """
-    return next(predict_many(model, [image], cfg, overlap=False))
+    return next(predict_many(model, [image], cfg, pool=False, overlap=False))
 
 
 def predict_many(
@@ -325,19 +325,23 @@ def predict_many(
     images: Iterable[np.ndarray],
     cfg: PredictConfig = PredictConfig(),
     *,
+    pool: bool | None = None,
     overlap: bool | None = None,
 ) -> Iterator[Prediction]:
-    """:func:`predict` for each image in turn, lazily, with tiles of consecutive images pooled.
+    """:func:`predict` for each image in turn, lazily; on a GPU, tiles of images pooled.
 
     The same results as calling :func:`predict` on each image (to float rounding: batches are
-    composed differently), in the same order, faster where images are small: a folder of
-    256 x 256 images runs ``cfg.batch_size`` images per network call instead of one (Cellpose 4
-    runs each image's tiles on their own: users' complaint #1460 in paper.md section 4). With
-    ``overlap`` the masks of an image are followed in a worker thread while the network runs on
-    the next ones (default: on a GPU, where the network and the CPU-side mask step do not compete
-    for the same cores). The first image that fails raises; see :func:`predict_stream` to go on.
+    composed differently), in the same order. With ``pool`` the tiles of consecutive images
+    share network calls: a folder of 256 x 256 images (4 tiles each) runs ``cfg.batch_size``
+    tiles per call instead of 4 (Cellpose 4 runs each image's tiles on their own: users'
+    complaint #1460 in paper.md section 4). With ``overlap`` the masks of an image are followed
+    in a worker thread while the network runs on the next ones. Both default to on for a GPU
+    and off on a CPU, where the network's cost per tile does not fall with the batch (it rose
+    from 4 to 8 tiles with the tiny model) and the mask step would compete with it for the same
+    cores (docs/BENCHMARKS.md). The first image that fails raises; see :func:`predict_stream`
+    to go on.
     """
-    for _, result in predict_stream(model, enumerate(images), cfg, overlap=overlap):
+    for _, result in predict_stream(model, enumerate(images), cfg, pool=pool, overlap=overlap):
         if isinstance(result, BaseException):
             raise result
         yield result
@@ -348,6 +352,7 @@ def predict_stream(
     items: Iterable[tuple[Any, np.ndarray | BaseException]],
     cfg: PredictConfig = PredictConfig(),
     *,
+    pool: bool | None = None,
     overlap: bool | None = None,
     then: Callable[[Any, Prediction], Any] | None = None,
 ) -> Iterator[tuple[Any, Any]]:
@@ -357,13 +362,14 @@ def predict_stream(
     :class:`Prediction`, or ``then(key, prediction)`` when ``then`` is given (it runs where the
     masks do, so that writing files also overlaps the network), or the exception that stopped
     this image. An item whose image is an exception (e.g. the file could not be read) is passed
-    through in its place. A failing network call fails the images with tiles in that batch only.
+    through in its place. A network call that fails is retried image by image, so only the
+    images that fail on their own fail. ``pool`` and ``overlap`` as in :func:`predict_many`.
     Images are pulled from ``items`` as the tile pool needs them, so at most about
     ``cfg.batch_size`` images, plus :data:`_MAX_MASKS_AHEAD` waiting for their masks, are held.
     """
     device, _ = _device_and_dtype(model)
-    if overlap is None:
-        overlap = device.type == "cuda"
+    pool = device.type == "cuda" if pool is None else pool
+    overlap = device.type == "cuda" if overlap is None else overlap
     # Input order: each entry is [key, result]; result None while the image is in the network,
     # a Future while its masks are followed in the worker.
     entries: deque[list] = deque()
@@ -401,15 +407,15 @@ def predict_stream(
             key = entries.popleft()[0]
             yield key, result
 
-    with ThreadPoolExecutor(1, thread_name_prefix="masks") if overlap else nullcontext() as pool:
-        for plan, output in _run_pooled(model, plans(), cfg):
+    with ThreadPoolExecutor(1, thread_name_prefix="masks") if overlap else nullcontext() as worker:
+        for plan, output in _run_pooled(model, plans(), cfg, pool=pool):
             key = plan.entry[0]
             if isinstance(output, BaseException):
                 plan.entry[1] = output
-            elif pool is None:
+            elif worker is None:
                 plan.entry[1] = finish(key, output)
             else:
-                plan.entry[1] = pool.submit(finish, key, output)
+                plan.entry[1] = worker.submit(finish, key, output)
             yield from ready(force=False)
         yield from ready(force=True)
 
@@ -491,7 +497,7 @@ def _plan(model: torch.nn.Module, image: torch.Tensor, cfg: PredictConfig) -> _P
 
 
 def _run_pooled(
-    model: torch.nn.Module, plans: Iterable[_Plan], cfg: PredictConfig
+    model: torch.nn.Module, plans: Iterable[_Plan], cfg: PredictConfig, *, pool: bool = True
 ) -> Iterator[tuple[_Plan, torch.Tensor | BaseException]]:
     """Steps 6-7: run the tiles of consecutive plans ``cfg.batch_size`` at a time and blend.
 
@@ -499,7 +505,7 @@ def _run_pooled(
     with the exception of a network call on its tiles (its other tiles are then skipped; a
     failed call that pooled several images is retried image by image first, so only the
     images whose own tiles fail are lost). Plans are pulled from ``plans`` only when the pool
-    has fewer than a batch of tiles.
+    has fewer than a batch of tiles. Without ``pool`` a batch never spans two plans.
     """
     size = _tile_size(model)
     device, dtype = _device_and_dtype(model)
@@ -512,7 +518,7 @@ def _run_pooled(
     model.eval()
     try:
         while True:
-            while not exhausted and len(queue) < cfg.batch_size:
+            while not exhausted and len(queue) < cfg.batch_size and (pool or not queue):
                 plan = next(plans, None)
                 if plan is None:
                     exhausted = True
@@ -705,6 +711,9 @@ def load_model(
     dtype : torch.dtype, optional
         Default: :func:`default_dtype` of the device (bfloat16 where the hardware computes it,
         as Cellpose's default; float32 elsewhere).
+
+    On a CPU the attention's relative-position bias is passed to the kernel as a mask
+    (``pipeline.model.set_bias_as_mask``), the faster of the two exact forms there.
 
     Raises
     ------

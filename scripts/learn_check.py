@@ -75,6 +75,18 @@ def link_tree(ids: list[str], source: Path, target: Path) -> Path:
     return target
 
 
+def monuseg_as_training(test_dir: Path, target: Path) -> Path:
+    """The MoNuSeg test-split files linked into the training layout, so they are trained on."""
+    for sub in ("Tissue Images", "Annotations"):
+        (target / "MoNuSeg 2018 Training Data" / sub).mkdir(parents=True, exist_ok=True)
+    for tif in sorted(test_dir.glob("*.tif")):
+        for src, sub in ((tif, "Tissue Images"), (tif.with_suffix(".xml"), "Annotations")):
+            link = target / "MoNuSeg 2018 Training Data" / sub / src.name
+            if not link.exists():
+                link.symlink_to(src)
+    return target
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "learn_check")
@@ -82,6 +94,9 @@ def main() -> int:
                         help="training time limit; the run stops there even before the config's last step")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--synthetic", type=int, default=200, help="synthetic training images")
+    parser.add_argument("--monuseg", type=float, default=0.0,
+                        help="sampling weight of the two MoNuSeg H&E images in ../shared/data (0: left out); "
+                             "taken from the DSB weight")
     parser.add_argument("overrides", nargs="*", help="extra training overrides, section.field=value")
     args = parser.parse_args()
     out = args.out.resolve()
@@ -99,10 +114,15 @@ def main() -> int:
     (synthetic / "counts.txt").write_text(f"train {args.synthetic}\ntest 10\n")
     shards = out / "shards"
     config = BuildConfig(workers=args.nproc)
-    for name, src in (("instance_pngs", dsb_train), ("cyto2", SHARED / "cellpose_cyto"), ("synthetic", synthetic)):
+    sources = [("instance_pngs", dsb_train), ("cyto2", SHARED / "cellpose_cyto"), ("synthetic", synthetic)]
+    weights = dict(WEIGHTS)
+    if args.monuseg > 0:
+        sources.append(("monuseg", monuseg_as_training(SHARED / "monuseg" / "MoNuSegTestData", out / "sources" / "monuseg")))
+        weights = weights | {"instance_pngs": round(weights["instance_pngs"] - args.monuseg, 4), "monuseg": args.monuseg}
+    for name, src in sources:
         build_dataset(name, src, shards, config=config, finalize_root=False)
     weights_file = out / "weights_override.yaml"
-    weights_file.write_text("".join(f"{k}: {v}\n" for k, v in WEIGHTS.items()))
+    weights_file.write_text("".join(f"{k}: {v}\n" for k, v in weights.items()))
     finalize(shards, weights_file)
     print(f"shards: {len(train_ids)} DSB + 20 cyto + {args.synthetic} synthetic images ({time.time() - start:.0f} s)")
 

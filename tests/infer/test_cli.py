@@ -357,10 +357,11 @@ def test_collisions_and_unsupported_files_fail_alone(tmp_path, checkpoint, caplo
     assert len(error_lines) == 3 and all(str(tmp_path) in line for line in error_lines)
 
 
-def test_pooled_run_writes_what_each_image_gives_alone_in_file_order(tmp_path, checkpoint):
-    # Several small images share network batches (tiles pooled across images, read ahead by a
-    # thread): each image's masks must still be those of predict() on that image alone, and the
-    # summary rows keep the files' order, a failed file in its place.
+def test_streamed_run_writes_what_each_image_gives_alone_in_file_order(tmp_path, checkpoint):
+    # Files read ahead by a thread and streamed through predict_stream (tiles pooled across
+    # images on a GPU; tests/infer/test_predict.py covers pooling): each image's masks are those
+    # of predict() on that image alone, and the summary rows keep the files' order, a failed
+    # file in its place.
     folder = tmp_path / "in"
     folder.mkdir()
     images = {f"{i}.tif": generate("nuclei", shape, seed=i)[0][..., 0]

@@ -490,7 +490,7 @@ def test_pooled_images_give_what_each_image_gives_alone(options, overlap):
     net = ConvNet().eval()
     cfg = raw(batch_size=options.pop("batch_size", 5), **options)
     alone = [stitched(predict(net, image, cfg)) for image in images]
-    pooled = [stitched(p) for p in predict_many(net, images, cfg, overlap=overlap)]
+    pooled = [stitched(p) for p in predict_many(net, images, cfg, pool=True, overlap=overlap)]
     assert len(pooled) == len(images)
     for ours, reference in zip(pooled, alone):
         np.testing.assert_allclose(ours, reference, atol=1e-5)
@@ -501,8 +501,16 @@ def test_tiles_of_small_images_share_network_calls():
     # images at batch_size 4 are ten calls of one tile there, three calls (4 + 4 + 2) here.
     images = [np.random.default_rng(i).random((200, 200)).astype(np.float32) for i in range(10)]
     net = CallCountingNet().eval()
-    list(predict_many(net, images, raw(batch_size=4)))
+    list(predict_many(net, images, raw(batch_size=4), pool=True))
     assert net.batches == [4, 4, 2]
+    # The default on the CPU: each image's tiles on their own, as Cellpose (docs/BENCHMARKS.md:
+    # pooling is no faster there).
+    net = CallCountingNet().eval()
+    list(predict_many(net, images, raw(batch_size=4)))
+    assert net.batches == [1] * 10
+    net = CallCountingNet().eval()
+    list(predict_many(net, [np.zeros((520, 520), np.float32)] * 2, raw(batch_size=4)))
+    assert net.batches == [4, 4, 1, 4, 4, 1]  # 9 tiles each, never sharing a call
 
 
 def test_masks_are_those_of_each_image_alone():
@@ -512,7 +520,7 @@ def test_masks_are_those_of_each_image_alone():
     model = tiny_model(in_channels=1)
     cfg = PredictConfig(flow_threshold=0.0, min_size=0, batch_size=3)
     for overlap in (False, True):
-        for image, pooled in zip(images, predict_many(model, images, cfg, overlap=overlap)):
+        for image, pooled in zip(images, predict_many(model, images, cfg, pool=True, overlap=overlap)):
             np.testing.assert_array_equal(pooled.masks, predict(model, image, cfg).masks)
 
 
@@ -523,7 +531,7 @@ def test_a_bad_image_fails_alone_and_order_is_kept():
     unreadable = OSError("cannot read b.tif")
     items = [("a", images[0]), ("b", unreadable), ("c", images[1]), ("d", images[2]), ("e", "not an array")]
     net = ConvNet().eval()
-    results = list(predict_stream(net, items, raw(batch_size=3)))
+    results = list(predict_stream(net, items, raw(batch_size=3), pool=True))
     assert [key for key, _ in results] == ["a", "b", "c", "d", "e"]
     assert results[1][1] is unreadable  # passed through in its place
     assert isinstance(results[2][1], ValueError) and "non-finite" in str(results[2][1])
@@ -537,7 +545,7 @@ def test_a_failing_network_call_fails_only_the_image_that_fails_alone():
     # the call (2, 3) fails; it is retried image by image: 2 fails again, 3 succeeds.
     images = [np.full((100, 100), float(i + 1), dtype=np.float32) for i in range(5)]
     net = CallCountingNet(poison=3.0).eval()
-    results = dict(predict_stream(net, enumerate(images), raw(batch_size=2)))
+    results = dict(predict_stream(net, enumerate(images), raw(batch_size=2), pool=True))
     failed = sorted(key for key, result in results.items() if isinstance(result, BaseException))
     assert failed == [2]
     assert "out of memory" in str(results[2])
@@ -547,7 +555,7 @@ def test_a_failing_network_call_fails_only_the_image_that_fails_alone():
     # A multi-tile image whose tiles straddle the failed call: its later tiles are not run.
     big = np.full((520, 520), 3.0, dtype=np.float32)  # 9 tiles, all poisoned
     net = CallCountingNet(poison=3.0).eval()
-    results = list(predict_stream(net, enumerate([images[0], big, images[1]]), raw(batch_size=4)))
+    results = list(predict_stream(net, enumerate([images[0], big, images[1]]), raw(batch_size=4), pool=True))
     assert [isinstance(r, BaseException) for _, r in results] == [False, True, False]
     # (image 0, big x 3) fails, then image 0 alone and big's 3 alone; big's other 6 tiles are
     # skipped; image 1 runs alone.
@@ -562,7 +570,7 @@ def test_images_are_pulled_only_as_the_pool_needs_them():
             pulled.append(i)
             yield np.zeros((100, 100), dtype=np.float32)
 
-    stream = predict_many(ConvNet().eval(), images(), raw(batch_size=4))
+    stream = predict_many(ConvNet().eval(), images(), raw(batch_size=4), pool=True)
     next(stream)
     assert len(pulled) <= 4 + 1  # one batch of one-tile images, and the next one it looked at
 
@@ -576,7 +584,7 @@ def test_then_runs_on_each_prediction_and_its_errors_are_results():
         return key, prediction.flows.shape
 
     for overlap in (False, True):
-        results = list(predict_stream(ConvNet().eval(), enumerate(images), raw(batch_size=3), then=then, overlap=overlap))
+        results = list(predict_stream(ConvNet().eval(), enumerate(images), raw(batch_size=3), then=then, pool=True, overlap=overlap))
         assert [r for _, r in results if not isinstance(r, BaseException)] == [(0, (2, 60, 60)), (1, (2, 60, 60)), (3, (2, 60, 60))]
         assert isinstance(results[2][1], OSError)
 
