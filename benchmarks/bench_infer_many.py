@@ -2,7 +2,7 @@
 on a GPU) against one image at a time (``predict`` in a loop; what Cellpose 4's ``eval(list)``
 does, and ``predict_many`` on a CPU).
 
-    python -m benchmarks.bench_infer_many [--checkpoint FILE] [--limit 24] [--repeats 3] [--device cpu]
+    python -m benchmarks.bench_infer_many [--checkpoint FILE | --encoder vit_l] [--limit 24] [--repeats 3] [--device cpu]
 
 Images: the DSB2018 images in ../shared/data (real nuclei, 256 x 256 to 1024 x 1024, mostly one
 or two tiles each), the ``--limit`` smallest; synthetic nuclei of the same sizes where that
@@ -74,7 +74,9 @@ def _sync(device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, help="a trained export; default: random ViT-L weights")
+    parser.add_argument("--checkpoint", type=Path, help="a trained export; default: random weights of --encoder")
+    parser.add_argument("--encoder", default="vit_l", choices=["vit_l", "vit_b", "tiny"],
+                        help="the random model's variant (Cellpose is timed with vit_l only)")
     parser.add_argument("--limit", type=int, default=24, help="images (the smallest DSB ones)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each variant (median)")
     parser.add_argument("--batch-size", type=int, default=8, help="tiles per network call")
@@ -91,7 +93,9 @@ def main() -> None:
         if path is None:
             path = Path(tmp) / "cpsam_bench"  # a name without "dino": Cellpose reads it as SAM
             torch.manual_seed(0)
-            torch.save(to_cellpose(CPSAM(ModelConfig())), path)
+            # The cpsam layout without a json: load_model reads the variant from the shapes.
+            torch.save(to_cellpose(CPSAM(ModelConfig(encoder=args.encoder))), path)
+        if args.checkpoint is None and args.encoder == "vit_l":
             try:
                 from cellpose import models  # the reference (the `reference` extra)
 
@@ -127,7 +131,7 @@ def main() -> None:
     record = {
         "name": "infer_many", "source": source, "images": len(images), "pixels": int(sum(i.shape[0] * i.shape[1] for i in images)),
         "sizes": sorted({f"{i.shape[0]}x{i.shape[1]}" for i in images}), "batch_size": args.batch_size,
-        "repeats": args.repeats, "checkpoint": str(args.checkpoint) if args.checkpoint else "random vit_l",
+        "repeats": args.repeats, "checkpoint": str(args.checkpoint) if args.checkpoint else f"random {args.encoder}",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description(),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),

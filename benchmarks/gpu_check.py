@@ -95,7 +95,7 @@ def plan(device: str, shards: Path) -> list[Check]:
         augment = ["--config", "configs/tiny-cpu.yaml", "--device", "cpu", "--batches", "4", "--repeats", "2",
                    *data, "data.batch_size=2", "loop.global_batch=2"]
         infer = ["--device", "cpu", "--size", "256", "--repeats", "1"]  # ViT-L: about 2 minutes here
-        infer_many = ["--device", "cpu", "--limit", "2", "--repeats", "1"]
+        infer_many = ["--device", "cpu", "--encoder", "tiny", "--limit", "4", "--repeats", "1"]
     return [
         Check("train", [*module, "benchmarks.bench_train", *train], limit_s=240, min_s=90),
         Check("attention", [*module, "benchmarks.bench_attention", *attention], limit_s=120, min_s=40),
