@@ -28,18 +28,13 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_train import make_shards
-from benchmarks.common import cpu_description
+from benchmarks.common import cpu_description, sync
 from pipeline.model import build_model
 from train.augment import augment
 from train.config import load_config
 from train.data import build_train_loader
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -59,29 +54,29 @@ def main() -> None:
         cfg = load_config(args.config, [f"data.root={shards}", "data.num_workers=0", *args.overrides])
         stream = iter(build_train_loader(cfg.data, rank=0, world_size=1))
         batches = [next(stream).to(device) for _ in range(args.batches)]
-    _sync(device)
+    sync(device)
 
     generator = torch.Generator(device).manual_seed(0)
     augment(batches[0], cfg.augment, generator)  # warm-up: first-call allocations and kernels
     augment_ms = []
     for _ in range(args.repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for batch in batches:
             augment(batch, cfg.augment, generator)
-        _sync(device)
+        sync(device)
         augment_ms.append(1e3 * (time.perf_counter() - start) / len(batches))
 
     model = build_model(cfg.model).to(device).train()
     inputs = [augment(batch, cfg.augment, generator).images for batch in batches[: min(8, len(batches))]]
     step_ms = []
     for index in range(1 + args.repeats * len(inputs)):  # the first is a warm-up
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = model(inputs[index % len(inputs)], generator=generator)
         out.float().square().mean().backward()
-        _sync(device)
+        sync(device)
         if index:
             step_ms.append(1e3 * (time.perf_counter() - start))
 

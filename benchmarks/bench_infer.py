@@ -30,13 +30,12 @@ import json
 import logging
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.common import SHARED_DATA, cpu_description
+from benchmarks.common import SHARED_DATA, alternate, cpu_description
 from infer.predict import PredictConfig, load_model, predict
 from pipeline.io import read_image
 from pipeline.metrics import average_precision
@@ -56,11 +55,6 @@ def test_image(size: int, root: Path = SHARED_DATA) -> tuple[np.ndarray, str]:
     image = read_image(files[0]).astype(np.float32)
     reps = (-(-size // image.shape[0]), -(-size // image.shape[1]), 1)
     return np.tile(image, reps)[:size, :size], files[0].name
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -93,15 +87,7 @@ def main() -> None:
         return prediction.masks, prediction.flows
 
     variants = {"cellpose": run_cellpose, "ours": lambda: run_ours(ours), "ours_fp32": lambda: run_ours(ours_fp32)}
-    outputs = {name: fn() for name, fn in variants.items()}  # warm-up: numba compilation, kernels
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.repeats):
-        for name, fn in variants.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
+    outputs, times = alternate(variants, args.repeats, device)
 
     median = {name: statistics.median(t) for name, t in times.items()}
     (cp_masks, cp_flows), (masks, flows) = outputs["cellpose"], outputs["ours"]

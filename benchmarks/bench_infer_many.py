@@ -30,13 +30,12 @@ import json
 import logging
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.common import SHARED_DATA, cpu_description
+from benchmarks.common import SHARED_DATA, alternate, cpu_description
 from infer.predict import PredictConfig, load_model, predict, predict_many
 from pipeline.io import read_image
 from pipeline.model import CPSAM, ModelConfig, to_cellpose
@@ -65,11 +64,6 @@ class CallCounter:
 
     def _hook(self, module, args) -> None:
         self.calls += 1
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -112,19 +106,19 @@ def main() -> None:
     }
     if reference is not None:
         variants["cellpose"] = lambda: reference.eval(images, batch_size=args.batch_size, channel_axis=2)[0]
-    outputs, calls = {}, {}
-    for name, fn in variants.items():  # warm-up: numba compilation, kernels; and the call counts
-        before = counter.calls
-        outputs[name] = fn()
-        calls[name] = counter.calls - before
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.repeats):
-        for name, fn in variants.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
+    calls: dict[str, int] = {}
+
+    def counted(name, fn):
+        """fn, recording the network calls of its first (warm-up) run."""
+        def run():
+            before = counter.calls
+            result = fn()
+            calls.setdefault(name, counter.calls - before)
+            return result
+        return run
+
+    variants = {name: counted(name, fn) for name, fn in variants.items()}
+    outputs, times = alternate(variants, args.repeats, device)
 
     median = {name: statistics.median(t) for name, t in times.items()}
     alone_masks = [p.masks for p in outputs["alone"]]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import fastremap
 import numpy as np
+import torch
 from PIL import Image
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -29,6 +30,29 @@ def median_seconds(fn, repeats: int) -> tuple[float, list[float], object]:
         result = fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times), times, result
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that wall-clock times include it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def alternate(variants: dict, repeats: int, device: torch.device) -> tuple[dict, dict[str, list[float]]]:
+    """Each variant's output from a warm-up call, and the seconds of ``repeats`` timed calls each.
+
+    The variants take turns within each round, so that changing machine load hits them alike.
+    """
+    outputs = {name: fn() for name, fn in variants.items()}  # warm-up: compilation, caches
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return outputs, times
 
 
 def cpu_description() -> str:
