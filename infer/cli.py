@@ -18,7 +18,8 @@ An image whose ``_masks.tif`` (and any other output asked for) exists is skipped
 line and the others go on; the exit status is 1 if any file failed, 2 for bad arguments (a
 missing checkpoint or input is reported before any file is processed), else 0.
 ``<out>/summary.csv`` gets one row per input, in the order of the files: file (absolute path),
-size (HxW), n_cells, seconds (from the start of reading the file to its last output written;
+size (HxW), n_cells, diameter (the one the image was rescaled by, given or estimated with
+``--diameter auto``; empty without a rescale), seconds (from the start of reading the file to its last output written;
 images overlap, so these add up to more than the run), status (ok, skipped, failed) and error.
 
 Files are read a few ahead by a thread, and on a GPU the tiles of consecutive images share
@@ -79,7 +80,7 @@ __all__ = ["InferConfig", "main", "run"]
 
 log = logging.getLogger("infer")
 
-SUMMARY_COLUMNS = ("file", "size", "n_cells", "seconds", "status", "error")
+SUMMARY_COLUMNS = ("file", "size", "n_cells", "diameter", "seconds", "status", "error")
 # Name endings (before the suffix) of labels and outputs, which folder searches leave out.
 _NOT_IMAGES = ("_masks", "_labels", "_flows", "_cellprob", "_outlines", "_seg")
 # PredictConfig fields the command line does not offer: it always writes masks.
@@ -184,6 +185,13 @@ def _add_option(parser, name: str, hint, default, help_text: str) -> None:
     args = typing.get_args(hint)
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), hint) if optional else hint
+    words = [w for a in args if typing.get_origin(a) is typing.Literal for w in typing.get_args(a)]
+    if words:  # a number or a keyword, e.g. --diameter 17 / --diameter auto
+        parser.add_argument(
+            flag, dest=name, type=_number_or(words, base), default=default,
+            metavar=f"{{{base.__name__},{','.join(words)}}}", help=help_text,
+        )
+        return
     if default is dataclasses.MISSING:
         parser.add_argument(
             flag, dest=name, required=True, type=base, default=argparse.SUPPRESS, help=help_text
@@ -198,6 +206,16 @@ def _add_option(parser, name: str, hint, default, help_text: str) -> None:
     else:
         assert base in (int, float, str), f"no command-line type for {name}: {hint}"
         parser.add_argument(flag, dest=name, type=base, default=default, help=help_text)
+
+
+def _number_or(words: list[str], number: type):
+    """An argparse type: the word itself if it is one of ``words``, else ``number(text)``."""
+
+    def convert(text: str):
+        return text if text in words else number(text)
+
+    convert.__name__ = f"{number.__name__} or {' / '.join(words)}"  # argparse's error names it
+    return convert
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -399,6 +417,7 @@ def _write(item: _Item, prediction, cfg: InferConfig) -> dict:
         "file": str(item.job.path),
         "size": "x".join(map(str, prediction.masks.shape)),
         "n_cells": _count_cells(prediction.masks),
+        "diameter": "" if prediction.diameter is None else f"{prediction.diameter:.2f}",
         "seconds": f"{time.perf_counter() - item.started:.3f}",
         "status": "ok",
         "error": "",

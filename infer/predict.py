@@ -10,7 +10,8 @@
    (``pipeline.io.normalize_percentile``, the equivalent of Cellpose's ``normalize99``).
 3. **Rescale** (optional) by ``30 / diameter`` to (int(H * r), int(W * r)), bilinearly
    (Cellpose: ``cv2.resize(INTER_LINEAR)``; here ``torch.nn.functional.interpolate`` with
-   ``align_corners=False``, which samples the same points).
+   ``align_corners=False``, which samples the same points). ``diameter="auto"`` estimates it
+   per image first (:func:`estimate_diameter`, below).
 4. **Pad** with zeros (:func:`pad_widths`): to a multiple of 16 plus 8 px each side, or to 256
    for images under 240 px (Cellpose's ``get_pad_yx`` with ``min_size=(256, 256)``).
 5. **Tile** (:func:`tile_starts`): 256 x 256 tiles, 1 per axis up to 256 px, otherwise
@@ -29,6 +30,15 @@
    and, after a rescale, the output resized back to (H, W) bilinearly.
 8. **Masks** from ``infer.dynamics.flows_to_masks`` with ``niter = int(200 / r)`` unless given
    (Cellpose's rule: a shrunk image's flows are followed further at full size).
+
+**Estimated diameter** (``diameter="auto"``, not in Cellpose 4, which dropped the size model of
+Cellpose 1-3): each image is first run at its own scale, and the median diameter of the masks
+found there (Cellpose's definition, :func:`estimate_diameter`) is the diameter of the second,
+final run, so the cells reach the network at 30 px. This is what Cellpose 1-3 did with masks
+after their size model's first guess. It matters for a model trained on a narrow range of
+sizes (the tiny learning-check model: docs/BENCHMARKS.md); CP-SAM itself was trained on 7.5 to
+120 px and needs no diameter. An image with no masks in the first run keeps that run's result.
+It costs one extra run per image.
 
 Where this differs from Cellpose:
 
@@ -56,7 +66,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -65,6 +75,7 @@ import torch.nn.functional as F
 from infer.dynamics import flows_to_masks
 from pipeline.io import normalize_percentile
 from pipeline.model import DIAMETER_MEAN, ModelConfig, from_cellpose, set_bias_as_mask
+from pipeline.shards import cellpose_diameter
 
 __all__ = [
     "DIAMETER_MEAN",
@@ -72,6 +83,7 @@ __all__ = [
     "Prediction",
     "PredictConfig",
     "default_dtype",
+    "estimate_diameter",
     "load_model",
     "pad_widths",
     "predict",
@@ -90,6 +102,11 @@ log = logging.getLogger(__name__)
 TILE_SIZE = 256
 #: Euler steps for the masks at scale 1 (Cellpose's default), divided by the rescale factor.
 NITER_AT_SCALE_1 = 200
+#: ``PredictConfig.diameter`` value that estimates each image's diameter from a first run.
+AUTO = "auto"
+#: Smallest estimated diameter (px): the floor the trainer puts under per-image diameters
+#: (paper.md 1c, ``AugmentConfig.min_diameter``); it bounds the upscaling at 6x.
+MIN_ESTIMATED_DIAMETER = 5.0
 
 # Padding: to a multiple of 16, plus 16 px split over the two sides (Cellpose's get_pad_yx,
 # div=16, extra=1). The network does not need it (tiles are 256), but it moves the tile grid
@@ -112,8 +129,8 @@ _OVERLAP_RANGE = (0.05, 0.5)
 class PredictConfig:
     """Options of :func:`predict` (the defaults are Cellpose 4's)."""
 
-    diameter: float | None = None
-    """Typical cell diameter in pixels; the image is rescaled by 30 / diameter. None: no rescale."""
+    diameter: float | Literal["auto"] | None = None
+    """Typical cell diameter in pixels; the image is rescaled by 30 / diameter. None: no rescale. auto: estimated per image from the masks of a first run at its own scale."""
     augment: bool = False
     """Test-time augmentation: 50%-overlapping tiles, alternate tiles flipped, outputs averaged."""
     tile_overlap: float = 0.1
@@ -136,12 +153,12 @@ class PredictConfig:
     """Masks larger than this fraction of the image are dropped."""
 
     def __post_init__(self) -> None:
-        if self.diameter is not None and not (
+        if self.diameter not in (None, AUTO) and not (
             _is_real(self.diameter) and math.isfinite(self.diameter) and self.diameter > 0
         ):
             raise ValueError(
-                f"diameter must be a cell diameter in pixels (> 0); got {self.diameter!r}. Leave "
-                "it unset (None) for no rescale."
+                f"diameter must be a cell diameter in pixels (> 0) or {AUTO!r}; got "
+                f"{self.diameter!r}. Leave it unset (None) for no rescale."
             )
         low, high = _OVERLAP_RANGE
         if not (_is_real(self.tile_overlap) and low <= self.tile_overlap <= high):
@@ -174,6 +191,8 @@ class PredictConfig:
     @property
     def rescale(self) -> float:
         """Factor applied to the image before the network: 30 / diameter (1 without diameter)."""
+        if self.diameter == AUTO:
+            raise ValueError("diameter='auto' has no fixed rescale: it is estimated per image")
         return 1.0 if self.diameter is None else DIAMETER_MEAN / float(self.diameter)
 
     @property
@@ -199,6 +218,8 @@ class Prediction(NamedTuple):
     """(2, H, W) float32 dP = (dy, dx), 5 x unit flows as the network outputs them."""
     cellprob: np.ndarray
     """(H, W) float32 cell-probability logits."""
+    diameter: float | None = None
+    """The diameter the image was rescaled by (given, or estimated with ``"auto"``); None: none."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -365,35 +386,102 @@ def predict_stream(
     through in its place. A network call that fails is retried image by image, so only the
     images that fail on their own fail. ``pool`` and ``overlap`` as in :func:`predict_many`.
     Images are pulled from ``items`` as the tile pool needs them, so at most about
-    ``cfg.batch_size`` images, plus :data:`_MAX_MASKS_AHEAD` waiting for their masks, are held.
+    ``cfg.batch_size`` images, plus :data:`_MAX_MASKS_AHEAD` waiting for their masks, are held
+    (twice that with ``diameter="auto"``, whose two runs are chained streams).
     """
     device, _ = _device_and_dtype(model)
     pool = device.type == "cuda" if pool is None else pool
     overlap = device.type == "cuda" if overlap is None else overlap
+    if cfg.diameter == AUTO:
+        yield from _stream_auto(model, items, cfg, pool=pool, overlap=overlap, then=then)
+    else:
+        with_cfg = ((key, image, cfg) for key, image in items)
+        yield from _stream(model, with_cfg, cfg, pool=pool, overlap=overlap, then=then)
+
+
+def _stream_auto(model, items, cfg: PredictConfig, *, pool: bool, overlap: bool, then) -> Iterator[tuple[Any, Any]]:
+    """:func:`predict_stream` with ``diameter="auto"``: a run at scale 1, then one at the estimate."""
+    first = dataclasses.replace(cfg, diameter=None, compute_masks=True)
+    held: dict[int, np.ndarray] = {}  # images between their two runs
+
+    def first_run() -> Iterator[tuple[Any, Any, PredictConfig]]:
+        for index, (key, image) in enumerate(items):
+            if not isinstance(image, BaseException):
+                held[index] = image
+            yield (index, key), image, first
+
+    def second_run() -> Iterator[tuple[Any, Any, PredictConfig]]:
+        for (index, key), result in _stream(model, first_run(), cfg, pool=pool, overlap=overlap, then=None):
+            image = held.pop(index, None)
+            diameter = None if isinstance(result, BaseException) else estimate_diameter(result.masks)
+            if diameter is not None:
+                yield key, image, dataclasses.replace(cfg, diameter=diameter)
+            elif isinstance(result, BaseException) or cfg.compute_masks:
+                yield key, result, first  # nothing found at scale 1: that run is the answer
+            else:
+                yield key, result._replace(masks=None), first
+
+    yield from _stream(model, second_run(), cfg, pool=pool, overlap=overlap, then=then)
+
+
+def estimate_diameter(masks: np.ndarray) -> float | None:
+    """The diameter ``diameter="auto"`` rescales by: Cellpose's median mask diameter, at least 5 px.
+
+    None when ``masks`` has no mask (there is nothing to measure; the image is not rescaled).
+    """
+    diameter = cellpose_diameter(masks)
+    return None if diameter == 0 else max(diameter, MIN_ESTIMATED_DIAMETER)
+
+
+def _stream(
+    model: torch.nn.Module,
+    items: Iterable[tuple[Any, np.ndarray | Prediction | BaseException, PredictConfig]],
+    cfg: PredictConfig,
+    *,
+    pool: bool,
+    overlap: bool,
+    then: Callable[[Any, Prediction], Any] | None,
+) -> Iterator[tuple[Any, Any]]:
+    """The body of :func:`predict_stream`, with a config per image (``cfg`` gives the batch size).
+
+    An item's image may also be a finished :class:`Prediction` (it only goes through ``then``)
+    or an exception (passed through).
+    """
+    device, _ = _device_and_dtype(model)
     # Input order: each entry is [key, result]; result None while the image is in the network,
     # a Future while its masks are followed in the worker.
     entries: deque[list] = deque()
 
     def plans() -> Iterator[_Plan]:
-        for key, image in items:
-            entry = [key, image if isinstance(image, BaseException) else None]
+        for key, image, image_cfg in items:
+            entry = [key, None]
             entries.append(entry)
-            if entry[1] is not None:
+            if isinstance(image, BaseException):
+                entry[1] = image
+                continue
+            if isinstance(image, Prediction):
+                entry[1] = deliver(key, image)
                 continue
             try:
-                plan = _plan(model, _network_input(image, cfg, device), cfg)
+                plan = _plan(model, _network_input(image, image_cfg, device), image_cfg)
             except Exception as error:  # noqa: BLE001 -- this image fails, the others go on
                 entry[1] = error
                 continue
-            plan.entry = entry
+            plan.entry, plan.cfg = entry, image_cfg
             yield plan
 
-    def finish(key, output: torch.Tensor):
+    def deliver(key, prediction: Prediction):
         try:
-            prediction = _with_masks(output, cfg)
             return prediction if then is None else then(key, prediction)
         except Exception as error:  # noqa: BLE001 -- reported as this image's result
             return error
+
+    def finish(key, output: torch.Tensor, image_cfg: PredictConfig):
+        try:
+            prediction = _with_masks(output, image_cfg)
+        except Exception as error:  # noqa: BLE001 -- reported as this image's result
+            return error
+        return deliver(key, prediction)
 
     def ready(force: bool) -> Iterator[tuple[Any, Any]]:
         """Yield finished entries from the front; ``force`` waits for the worker's."""
@@ -413,9 +501,9 @@ def predict_stream(
             if isinstance(output, BaseException):
                 plan.entry[1] = output
             elif worker is None:
-                plan.entry[1] = finish(key, output)
+                plan.entry[1] = finish(key, output, plan.cfg)
             else:
-                plan.entry[1] = worker.submit(finish, key, output)
+                plan.entry[1] = worker.submit(finish, key, output, plan.cfg)
             yield from ready(force=False)
         yield from ready(force=True)
 
@@ -452,6 +540,7 @@ class _Plan:
     weights: torch.Tensor | None = None  # summed taper
     tiles_left: int = 0
     entry: list | None = None  # predict_stream's bookkeeping
+    cfg: PredictConfig | None = None  # this image's options (the diameter may be its own)
 
 
 def _network_input(image, cfg: PredictConfig, device: torch.device) -> torch.Tensor:
@@ -609,7 +698,8 @@ def _with_masks(output: torch.Tensor, cfg: PredictConfig) -> Prediction:
             min_size=cfg.min_size,
             max_size_fraction=cfg.max_size_fraction,
         )
-    return Prediction(masks=masks, flows=flows, cellprob=cellprob)
+    diameter = None if cfg.diameter is None else float(cfg.diameter)
+    return Prediction(masks=masks, flows=flows, cellprob=cellprob, diameter=diameter)
 
 
 def _flip(tile: torch.Tensor, flip_y: bool, flip_x: bool) -> torch.Tensor:

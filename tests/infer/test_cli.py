@@ -143,6 +143,18 @@ def test_bad_option_values_are_usage_errors(capsys):
         cli.main(["a.tif", "--checkpoint", "m.pt", "--out", "o", "--precision", "fp16"])
     assert exit_info.value.code == 2
     assert "precision: one of auto, bf16, fp32; got 'fp16'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["a.tif", "--checkpoint", "m.pt", "--out", "o", "--diameter", "big"])
+    assert exit_info.value.code == 2
+    assert "argument --diameter: invalid float or auto value: 'big'" in capsys.readouterr().err
+
+
+def test_diameter_takes_a_number_or_auto(monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli, "run", lambda cfg: seen.append(cfg.predict.diameter) or 0)
+    for value in ("auto", "12", "0.5e2"):
+        cli.main(["a.tif", "--checkpoint", "m.pt", "--out", "o", "--diameter", value])
+    assert seen == ["auto", 12.0, 50.0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -381,6 +393,27 @@ def test_streamed_run_writes_what_each_image_gives_alone_in_file_order(tmp_path,
     for name, image in images.items():
         expected = predict(model, image, options).masks
         np.testing.assert_array_equal(read_labels(tmp_path / "out" / name.replace(".tif", "_masks.tif")), expected)
+
+
+def test_auto_diameter_is_estimated_per_image_and_reported(tmp_path, checkpoint):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    images = {f"{i}.tif": generate("nuclei", shape, seed=i, diameter=diameter)[0][..., 0]
+              for i, (shape, diameter) in enumerate([((200, 220), 12.0), ((260, 240), 40.0)])}
+    for name, image in images.items():
+        tifffile.imwrite(folder / name, image)
+    status = cli.main([str(folder), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"),
+                       "--diameter", "auto", "--precision", "fp32", *MASK_OPTIONS])
+    assert status == 0
+    with open(tmp_path / "out" / "summary.csv", newline="") as fh:
+        rows = {Path(row["file"]).name: row for row in csv.DictReader(fh)}
+    model = load_model(checkpoint, device="cpu", dtype=torch.float32)
+    options = PredictConfig(diameter="auto", flow_threshold=0.0, min_size=0)
+    for name, image in images.items():
+        expected = predict(model, image, options)
+        assert expected.diameter is not None  # the random tiny model finds some masks here
+        assert rows[name]["diameter"] == f"{expected.diameter:.2f}"
+        np.testing.assert_array_equal(read_labels(tmp_path / "out" / name.replace(".tif", "_masks.tif")), expected.masks)
 
 
 def test_read_ahead_thread_ends_when_the_consumer_stops(tmp_path):

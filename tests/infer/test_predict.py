@@ -28,6 +28,7 @@ from infer.predict import (
     TILE_SIZE,
     PredictConfig,
     default_dtype,
+    estimate_diameter,
     load_model,
     pad_widths,
     predict,
@@ -454,6 +455,99 @@ def test_too_large_a_diameter_is_an_error():
 def test_config_checks(options, match):
     with pytest.raises((TypeError, ValueError), match=match):
         PredictConfig(**options)
+
+
+# ------------------------------------------------------------------------------------------------
+# diameter="auto": a first run at scale 1, then one at the median diameter of its masks
+# ------------------------------------------------------------------------------------------------
+
+
+def squares(shape, side, step):
+    """Labels: side x side squares every ``step`` px (Cellpose diameter side / (sqrt(pi) / 2))."""
+    labels = np.zeros(shape, np.uint16)
+    for n, (y, x) in enumerate((y, x) for y in range(2, shape[0] - side, step) for x in range(2, shape[1] - side, step)):
+        labels[y : y + side, x : x + side] = n + 1
+    return labels
+
+
+def test_estimate_diameter_is_cellposes_median_diameter_with_a_floor():
+    labels = squares((100, 100), 10, 20)
+    labels[labels == 1] = 0  # one fewer: the median is still of equal squares
+    # Cellpose's utils.diameters: median of sqrt(area) / (sqrt(pi) / 2).
+    assert estimate_diameter(labels) == pytest.approx(10 / (math.sqrt(math.pi) / 2))
+    assert estimate_diameter(np.zeros((20, 20), np.uint16)) is None
+    assert estimate_diameter(squares((20, 20), 2, 4)) == 5.0  # 2.26 px, floored as the trainer's
+
+
+def test_auto_diameter_runs_again_at_the_estimate(monkeypatch):
+    calls = []
+
+    def fake_flows_to_masks(dP, cellprob, niter, **options):
+        calls.append((dP.shape, niter))
+        return squares(cellprob.shape, 12, 20)  # at the input's size, whatever the rescale
+
+    monkeypatch.setattr(predict_module, "flows_to_masks", fake_flows_to_masks)
+    net = ConstantNet()
+    prediction = predict(net, np.ones((300, 200), np.float32), PredictConfig(diameter="auto"))
+    estimate = 12 / (math.sqrt(math.pi) / 2)  # 13.5 px
+    assert prediction.diameter == pytest.approx(estimate)
+    # Masks once per run, at the image's size; the second with Cellpose's niter = 200 / rescale.
+    assert calls == [((2, 300, 200), 200), ((2, 300, 200), int(200 / (DIAMETER_MEAN / estimate)))]
+    # The network saw the image at scale 1, then at 30 / 13.5.
+    tiles = 0
+    for scale in (1.0, DIAMETER_MEAN / estimate):
+        scaled = [int(side * scale) for side in (300, 200)]
+        tiles += len(tile_grid(tuple(side + sum(pad_widths(side)) for side in scaled)))
+    assert net.tiles_seen == tiles
+
+
+def test_auto_diameter_without_masks_keeps_the_first_run(monkeypatch):
+    monkeypatch.setattr(predict_module, "flows_to_masks", lambda dP, cellprob, **_: np.zeros(cellprob.shape, np.uint16))
+    net = ConstantNet()
+    prediction = predict(net, np.ones((100, 100), np.float32), PredictConfig(diameter="auto"))
+    assert prediction.diameter is None and prediction.masks.max() == 0
+    assert net.tiles_seen == 1  # not run again
+    flows_only = predict(ConstantNet(), np.ones((100, 100), np.float32), PredictConfig(diameter="auto", compute_masks=False))
+    assert flows_only.masks is None
+
+
+@pytest.mark.parametrize("side", [8, 26])
+def test_auto_diameter_finds_the_objects_size(side):
+    # PixelNet returns its channels 0 and 1 as the flows: fed the true flows (x 5, as the
+    # network's) of squares of a known size, both runs give real masks, so the estimate is the
+    # squares' diameter and the rescaled run still finds each square.
+    from pipeline.flows import masks_to_flows
+    from pipeline.metrics import average_precision
+
+    labels = squares((240, 260), side, side + 10)
+    flows = 5 * masks_to_flows(labels)
+    cellprob = np.where(labels > 0, 4.0, -4.0)
+    image = np.stack([flows[0], flows[1], (cellprob - flows[0] - 2 * flows[1]) / 4], axis=-1).astype(np.float32)
+    cfg = PredictConfig(diameter="auto", normalize=False)
+    prediction = predict(PixelNet(), image, cfg)
+    assert prediction.diameter == pytest.approx(side / (math.sqrt(math.pi) / 2), rel=0.05)
+    assert average_precision(labels, prediction.masks, [0.5])[0][0, 0] >= 0.95
+
+
+def test_auto_diameter_keeps_order_failures_and_then():
+    images = mixed_images(4)
+    unreadable = OSError("cannot read")
+    items = [("a", images[0]), ("b", unreadable), ("c", "not an array"), ("d", images[1])]
+    cfg = PredictConfig(diameter="auto", normalize=False, batch_size=3)
+    for pool, overlap in ((False, False), (True, True)):
+        results = list(predict_stream(ConvNet().eval(), items, cfg, pool=pool, overlap=overlap,
+                                      then=lambda key, p: (key, p.masks.shape)))
+        assert [key for key, _ in results] == ["a", "b", "c", "d"]
+        assert results[0][1] == ("a", images[0].shape[:2]) and results[3][1] == ("d", images[1].shape[:2])
+        assert results[1][1] is unreadable and isinstance(results[2][1], TypeError)
+
+
+def test_auto_is_the_only_word_a_diameter_takes():
+    assert PredictConfig(diameter="auto").diameter == "auto"
+    with pytest.raises(ValueError, match="auto"):
+        PredictConfig(diameter="large")
+    with pytest.raises(ValueError, match="per image"):
+        predict_tiles(ConstantNet(), torch.ones(1, 50, 50), PredictConfig(diameter="auto"))
 
 
 # ------------------------------------------------------------------------------------------------
