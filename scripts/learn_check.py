@@ -7,9 +7,10 @@
 2. ``torchrun --nproc_per_node=N train/main.py --config configs/learn-check.yaml`` (the tiny
    model, a fixed number of steps: about 22-26 minutes on 2 cores), stopped early at ``--minutes``
    (with a checkpoint and the export) if the machine is slower.
-3. ``python -m infer`` on the held-out DSB images (one image per appearance group from
-   dsb2018/manifest.csv and a fixed share of the rest, never seen in training), then
-   ``python -m infer.evaluate`` against their labels.
+3. ``python -m infer --diameter auto`` on the held-out DSB images (one image per appearance
+   group from dsb2018/manifest.csv and a fixed share of the rest, never seen in training), then
+   ``python -m infer.evaluate`` against their labels; the same at the images' own scale (no
+   diameter) for comparison.
 4. Prints AP@0.5/0.75/0.9 and the loss curve, and writes ``<out>/learn_check.json``,
    ``<out>/loss_curve.csv`` and ``<out>/learn_check.png`` (the four held-out images with the most
    nuclei, predicted outlines, loss curves). Goal (issue 4): AP@0.5 >= 0.6 on the held-out DSB
@@ -31,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from chain import REPO, curves, infer_and_evaluate, train  # noqa: E402
 from figure import render_figure  # noqa: E402
-from pipeline.io import read_image, write_image, write_labels  # noqa: E402
+from pipeline.io import read_image, read_labels, write_image, write_labels  # noqa: E402
+from pipeline.shards import cellpose_diameter  # noqa: E402
 from shardgen.build import BuildConfig, build_dataset, finalize  # noqa: E402
 from shardgen.datasets import instance_pngs  # noqa: E402
 
@@ -39,6 +41,9 @@ SHARED = Path(os.environ.get("CPSAM_SHARED_DATA", REPO.parent / "shared" / "data
 HELD_OUT_FRACTION = 0.25
 # Sampling weights of the three shard groups: measured in docs/BENCHMARKS.md (runs 7 and 9).
 WEIGHTS = {"instance_pngs": 0.85, "synthetic": 0.1, "cyto2": 0.05}
+# Inference: each image's diameter estimated from a first run at its own scale, then rescaled to
+# 30 px (the tiny model is trained on a narrow range of sizes around 30; docs/BENCHMARKS.md).
+INFER_OPTIONS = ("--diameter", "auto")
 
 
 def appearance_groups(root: Path) -> dict[str, str]:
@@ -64,6 +69,16 @@ def ap_by_group(rows: list[dict], groups: dict[str, str]) -> dict[str, dict]:
         if row["pred"] != "mean":
             scores.setdefault(groups[Path(row["pred"]).name.removesuffix("_masks.tif")], []).append(float(row["ap@0.5"]))
     return {group: {"images": len(v), "ap50": round(float(np.mean(v)), 4)} for group, v in sorted(scores.items())}
+
+
+def diameters(summary: Path, truth: Path) -> dict[str, dict]:
+    """Per held-out image: the diameter ``--diameter auto`` estimated and the labels' own."""
+    found = {}
+    for row in csv.DictReader(summary.open()):
+        stem = Path(row["file"]).stem
+        true = cellpose_diameter(read_labels(truth / f"{stem}_masks.tif"))
+        found[stem[:8]] = {"estimated": float(row["diameter"]) if row["diameter"] else None, "true": round(true, 2)}
+    return found
 
 
 def link_tree(ids: list[str], source: Path, target: Path) -> Path:
@@ -142,7 +157,8 @@ def main() -> int:
             loaded = instance_pngs.load(dsb / "stage1_train", item)
             write_image(images / f"{item.source}.tif", loaded.image)
             write_labels(truth / f"{item.source}_masks.tif", loaded.labels)
-    rows = infer_and_evaluate(images, truth, run_dir / "model_cellpose.pt", out)
+    rows = infer_and_evaluate(images, truth, run_dir / "model_cellpose.pt", out, INFER_OPTIONS)
+    native = infer_and_evaluate(images, truth, run_dir / "model_cellpose.pt", out / "native_scale")
 
     # 4. Report: numbers, the loss curve as CSV, and a figure.
     mean = next(r for r in rows if r["pred"] == "mean")
@@ -154,7 +170,11 @@ def main() -> int:
         "held_out_images": len(held_ids), "train_dsb_images": len(train_ids), "train_minutes": round(train_minutes, 1),
         "steps": train_curve[-1][0] if train_curve else 0, "ap50": float(mean["ap@0.5"]),
         "ap75": float(mean["ap@0.75"]), "ap90": float(mean["ap@0.9"]), "error_rate": float(mean["error_rate@0.5"]),
-        "ap50_by_group": ap_by_group(rows, appearance_groups(dsb)), "goal_ap50": 0.6, "loss_first": train_curve[0][1] if train_curve else None,
+        "ap50_by_group": ap_by_group(rows, appearance_groups(dsb)), "goal_ap50": 0.6,
+        "inference": " ".join(INFER_OPTIONS), "diameters": diameters(out / "predictions" / "summary.csv", truth),
+        "ap50_native_scale": float(next(r for r in native if r["pred"] == "mean")["ap@0.5"]),
+        "ap50_by_group_native_scale": ap_by_group(native, appearance_groups(dsb)),
+        "loss_first": train_curve[0][1] if train_curve else None,
         "loss_last": float(np.mean([v for _, v in train_curve[-5:]])) if train_curve else None,
         "validation_loss": curve.get("validation loss", []), "overrides": args.overrides,
     }

@@ -4,12 +4,15 @@ measured in docs/BENCHMARKS.md, not tested: it takes 25 minutes)."""
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from pipeline.io import write_labels
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from learn_check import ap_by_group, split_dsb  # noqa: E402
+from learn_check import ap_by_group, diameters, split_dsb  # noqa: E402
 
 
 def write_manifest(root: Path, groups: dict[str, int]) -> None:
@@ -42,3 +45,15 @@ def test_ap_by_group_averages_images_per_group():
 def test_ap_by_group_names_an_image_missing_from_the_manifest():
     with pytest.raises(KeyError, match="d"):
         ap_by_group([{"pred": "out/d_masks.tif", "ap@0.5": "0.1"}], {"a": "fluo_gray"})
+
+
+def test_diameters_pair_the_estimate_with_the_labels_own(tmp_path):
+    labels = np.zeros((60, 60), np.uint16)
+    labels[5:15, 5:15], labels[30:40, 30:40] = 1, 2  # 10 x 10 squares: 10 / (sqrt(pi) / 2) px
+    write_labels(tmp_path / "abcdefghij_masks.tif", labels)
+    write_labels(tmp_path / "klmnopqrst_masks.tif", labels)
+    (tmp_path / "summary.csv").write_text(
+        "file,size,n_cells,diameter,seconds,status,error\n"
+        "/x/abcdefghij.tif,60x60,2,12.50,0.1,ok,\n/x/klmnopqrst.tif,60x60,0,,0.1,ok,\n")
+    found = diameters(tmp_path / "summary.csv", tmp_path)
+    assert found == {"abcdefgh": {"estimated": 12.5, "true": 11.28}, "klmnopqr": {"estimated": None, "true": 11.28}}
