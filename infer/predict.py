@@ -33,12 +33,12 @@
 
 **Estimated diameter** (``diameter="auto"``, not in Cellpose 4, which dropped the size model of
 Cellpose 1-3): each image is first run at its own scale, and the median diameter of the masks
-found there (Cellpose's definition, :func:`estimate_diameter`) is the diameter of the second,
-final run, so the cells reach the network at 30 px. This is what Cellpose 1-3 did with masks
-after their size model's first guess. It matters for a model trained on a narrow range of
-sizes (the tiny learning-check model: docs/BENCHMARKS.md); CP-SAM itself was trained on 7.5 to
-120 px and needs no diameter. An image with no masks in the first run keeps that run's result.
-It costs one extra run per image.
+found there (Cellpose's definition, :func:`estimate_diameter`) is the diameter of the next run,
+so the cells reach the network at about 30 px; the masks of that run give a second estimate and
+the final run (:data:`AUTO_ESTIMATES`). Cellpose 1-3 likewise refined their size model's guess
+with the masks of a run at it. An image whose run finds no masks keeps that run. It matters for a model trained on a narrow
+range of sizes (the tiny learning-check model: docs/BENCHMARKS.md); CP-SAM itself was trained on
+7.5 to 120 px and needs no diameter. It costs two extra runs per image.
 
 Where this differs from Cellpose:
 
@@ -104,6 +104,11 @@ TILE_SIZE = 256
 NITER_AT_SCALE_1 = 200
 #: ``PredictConfig.diameter`` value that estimates each image's diameter from a first run.
 AUTO = "auto"
+#: With ``diameter="auto"``: estimates after the run at scale 1, each followed by a run at it.
+#: A model trained on a narrow range of sizes misjudges cells far outside it (13 px nuclei
+#: measured 16-20 px at scale 1); the second estimate, made near its range, corrects most of
+#: that (docs/BENCHMARKS.md, learning check).
+AUTO_ESTIMATES = 2
 #: Smallest estimated diameter (px): the floor the trainer puts under per-image diameters
 #: (paper.md 1c, ``AugmentConfig.min_diameter``); it bounds the upscaling at 6x.
 MIN_ESTIMATED_DIAMETER = 5.0
@@ -130,7 +135,7 @@ class PredictConfig:
     """Options of :func:`predict` (the defaults are Cellpose 4's)."""
 
     diameter: float | Literal["auto"] | None = None
-    """Typical cell diameter in pixels; the image is rescaled by 30 / diameter. None: no rescale. auto: estimated per image from the masks of a first run at its own scale."""
+    """Typical cell diameter in pixels; the image is rescaled by 30 / diameter. None: no rescale. auto: estimated per image from the masks of a run at its own scale, then again from those of a run at that estimate."""
     augment: bool = False
     """Test-time augmentation: 50%-overlapping tiles, alternate tiles flipped, outputs averaged."""
     tile_overlap: float = 0.1
@@ -387,7 +392,7 @@ def predict_stream(
     images that fail on their own fail. ``pool`` and ``overlap`` as in :func:`predict_many`.
     Images are pulled from ``items`` as the tile pool needs them, so at most about
     ``cfg.batch_size`` images, plus :data:`_MAX_MASKS_AHEAD` waiting for their masks, are held
-    (twice that with ``diameter="auto"``, whose two runs are chained streams).
+    (up to three times that with ``diameter="auto"``, whose runs are chained streams).
     """
     device, _ = _device_and_dtype(model)
     pool = device.type == "cuda" if pool is None else pool
@@ -400,28 +405,48 @@ def predict_stream(
 
 
 def _stream_auto(model, items, cfg: PredictConfig, *, pool: bool, overlap: bool, then) -> Iterator[tuple[Any, Any]]:
-    """:func:`predict_stream` with ``diameter="auto"``: a run at scale 1, then one at the estimate."""
-    first = dataclasses.replace(cfg, diameter=None, compute_masks=True)
-    held: dict[int, np.ndarray] = {}  # images between their two runs
+    """:func:`predict_stream` with ``diameter="auto"``: a run at scale 1, then at each estimate.
 
-    def first_run() -> Iterator[tuple[Any, Any, PredictConfig]]:
+    Chained streams, one per run: each takes the previous run's results and sends every image
+    on at the diameter its masks give, or passes its result through once it is settled (no
+    masks to measure, or a failure).
+    """
+    first = dataclasses.replace(cfg, diameter=None, compute_masks=True)
+    held: dict[int, np.ndarray] = {}  # images still to be run again
+    settled: set[int] = set()
+
+    def scale_1() -> Iterator[tuple[Any, Any, PredictConfig]]:
         for index, (key, image) in enumerate(items):
             if not isinstance(image, BaseException):
                 held[index] = image
             yield (index, key), image, first
 
-    def second_run() -> Iterator[tuple[Any, Any, PredictConfig]]:
-        for (index, key), result in _stream(model, first_run(), cfg, pool=pool, overlap=overlap, then=None):
-            image = held.pop(index, None)
-            diameter = None if isinstance(result, BaseException) else estimate_diameter(result.masks)
-            if diameter is not None:
-                yield key, image, dataclasses.replace(cfg, diameter=diameter)
-            elif isinstance(result, BaseException) or cfg.compute_masks:
-                yield key, result, first  # nothing found at scale 1: that run is the answer
-            else:
-                yield key, result._replace(masks=None), first
+    def rescaled(results, last: bool) -> Iterator[tuple[Any, Any, PredictConfig]]:
+        for (index, key), result in results:
+            item_key = key if last else (index, key)
+            if index not in settled:
+                failed = isinstance(result, BaseException)
+                estimate = None if failed else estimate_diameter(result.masks)
+                if estimate is None:
+                    settled.add(index)
+                    held.pop(index, None)
+                else:
+                    image = held.pop(index) if last else held[index]
+                    # Runs before the last need masks for the next estimate.
+                    options = dataclasses.replace(cfg, diameter=estimate, compute_masks=cfg.compute_masks or not last)
+                    yield item_key, image, options
+                    continue
+            if last:
+                settled.discard(index)
+                if isinstance(result, Prediction) and not cfg.compute_masks:
+                    result = result._replace(masks=None)
+            yield item_key, result, first  # passed through: ``first`` is not used
 
-    yield from _stream(model, second_run(), cfg, pool=pool, overlap=overlap, then=then)
+    results = _stream(model, scale_1(), cfg, pool=pool, overlap=overlap, then=None)
+    for run in range(1, AUTO_ESTIMATES + 1):
+        last = run == AUTO_ESTIMATES
+        results = _stream(model, rescaled(results, last), cfg, pool=pool, overlap=overlap, then=then if last else None)
+    yield from results
 
 
 def estimate_diameter(masks: np.ndarray) -> float | None:

@@ -479,26 +479,34 @@ def test_estimate_diameter_is_cellposes_median_diameter_with_a_floor():
     assert estimate_diameter(squares((20, 20), 2, 4)) == 5.0  # 2.26 px, floored as the trainer's
 
 
-def test_auto_diameter_runs_again_at_the_estimate(monkeypatch):
-    calls = []
+def test_auto_diameter_is_estimated_again_at_the_first_estimate(monkeypatch):
+    # Masks whose size depends on the run (niter = 200 / rescale tells the runs apart): 12 px
+    # squares at scale 1, 20 px at the first estimate; a third run follows at the second
+    # estimate, and that run is the result.
+    niters = []
 
     def fake_flows_to_masks(dP, cellprob, niter, **options):
-        calls.append((dP.shape, niter))
-        return squares(cellprob.shape, 12, 20)  # at the input's size, whatever the rescale
+        niters.append(niter)
+        return squares(cellprob.shape, 12 if niter == 200 else 20, 30)
 
     monkeypatch.setattr(predict_module, "flows_to_masks", fake_flows_to_masks)
+    image = np.ones((300, 200), np.float32)
     net = ConstantNet()
-    prediction = predict(net, np.ones((300, 200), np.float32), PredictConfig(diameter="auto"))
-    estimate = 12 / (math.sqrt(math.pi) / 2)  # 13.5 px
-    assert prediction.diameter == pytest.approx(estimate)
-    # Masks once per run, at the image's size; the second with Cellpose's niter = 200 / rescale.
-    assert calls == [((2, 300, 200), 200), ((2, 300, 200), int(200 / (DIAMETER_MEAN / estimate)))]
-    # The network saw the image at scale 1, then at 30 / 13.5.
+    prediction = predict(net, image, PredictConfig(diameter="auto"))
+    first, second = (side / (math.sqrt(math.pi) / 2) for side in (12, 20))
+    # Masks once per run, at the image's size, with Cellpose's niter = 200 / rescale.
+    assert niters == [200, int(200 / (DIAMETER_MEAN / first)), int(200 / (DIAMETER_MEAN / second))]
+    assert prediction.diameter == pytest.approx(second)
+    # The network saw the image at scale 1, then at 30 / each estimate.
     tiles = 0
-    for scale in (1.0, DIAMETER_MEAN / estimate):
+    for scale in (1.0, DIAMETER_MEAN / first, DIAMETER_MEAN / second):
         scaled = [int(side * scale) for side in (300, 200)]
         tiles += len(tile_grid(tuple(side + sum(pad_widths(side)) for side in scaled)))
     assert net.tiles_seen == tiles
+    niters.clear()
+    prediction = predict(ConstantNet(), image, PredictConfig(diameter="auto", compute_masks=False))
+    assert niters == [200, int(200 / (DIAMETER_MEAN / first))]  # no masks in the last run
+    assert prediction.diameter == pytest.approx(second) and prediction.masks is None
 
 
 def test_auto_diameter_without_masks_keeps_the_first_run(monkeypatch):
