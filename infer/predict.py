@@ -413,7 +413,6 @@ def _stream_auto(model, items, cfg: PredictConfig, *, pool: bool, overlap: bool,
     """
     first = dataclasses.replace(cfg, diameter=None, compute_masks=True)
     held: dict[int, np.ndarray] = {}  # images still to be run again
-    settled: set[int] = set()
 
     def scale_1() -> Iterator[tuple[Any, Any, PredictConfig]]:
         for index, (key, image) in enumerate(items):
@@ -422,24 +421,20 @@ def _stream_auto(model, items, cfg: PredictConfig, *, pool: bool, overlap: bool,
             yield (index, key), image, first
 
     def rescaled(results, last: bool) -> Iterator[tuple[Any, Any, PredictConfig]]:
+        # A settled result (a failure, or no masks) comes back from the next stream as it went
+        # in, and is settled again here: measuring nothing again gives no estimate again.
         for (index, key), result in results:
             item_key = key if last else (index, key)
-            if index not in settled:
-                failed = isinstance(result, BaseException)
-                estimate = None if failed else estimate_diameter(result.masks)
-                if estimate is None:
-                    settled.add(index)
-                    held.pop(index, None)
-                else:
-                    image = held.pop(index) if last else held[index]
-                    # Runs before the last need masks for the next estimate.
-                    options = dataclasses.replace(cfg, diameter=estimate, compute_masks=cfg.compute_masks or not last)
-                    yield item_key, image, options
-                    continue
-            if last:
-                settled.discard(index)
-                if isinstance(result, Prediction) and not cfg.compute_masks:
-                    result = result._replace(masks=None)
+            estimate = None if isinstance(result, BaseException) else estimate_diameter(result.masks)
+            if estimate is not None:
+                image = held.pop(index) if last else held[index]
+                # Runs before the last need masks for the next estimate.
+                options = dataclasses.replace(cfg, diameter=estimate, compute_masks=cfg.compute_masks or not last)
+                yield item_key, image, options
+                continue
+            held.pop(index, None)
+            if last and isinstance(result, Prediction) and not cfg.compute_masks:
+                result = result._replace(masks=None)
             yield item_key, result, first  # passed through: ``first`` is not used
 
     results = _stream(model, scale_1(), cfg, pool=pool, overlap=overlap, then=None)
