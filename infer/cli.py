@@ -19,8 +19,9 @@ line and the others go on; the exit status is 1 if any file failed, 2 for bad ar
 missing checkpoint or input is reported before any file is processed), else 0.
 ``<out>/summary.csv`` gets one row per input, in the order of the files: file (absolute path),
 size (HxW), n_cells, diameter (the one the image was rescaled by, given or estimated with
-``--diameter auto``; empty without a rescale), seconds (from the start of reading the file to its last output written;
-images overlap, so these add up to more than the run), status (ok, skipped, failed) and error.
+``--diameter auto``; empty without a rescale), seconds (from the start of reading the file to
+its last output written; images overlap, so these add up to more than the run), status (ok,
+skipped, failed) and error.
 
 Files are read a few ahead by a thread, and on a GPU the tiles of consecutive images share
 network batches (``--batch-size`` tiles per call, whichever images they come from) and the masks

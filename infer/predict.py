@@ -36,9 +36,10 @@ Cellpose 1-3): each image is first run at its own scale, and the median diameter
 found there (Cellpose's definition, :func:`estimate_diameter`) is the diameter of the next run,
 so the cells reach the network at about 30 px; the masks of that run give a second estimate and
 the final run (:data:`AUTO_ESTIMATES`). Cellpose 1-3 likewise refined their size model's guess
-with the masks of a run at it. An image whose run finds no masks keeps that run. It matters for a model trained on a narrow
-range of sizes (the tiny learning-check model: docs/BENCHMARKS.md); CP-SAM itself was trained on
-7.5 to 120 px and needs no diameter. It costs two extra runs per image.
+with the masks of a run at it. An image whose run finds no masks keeps that run. It matters for
+a model trained on a narrow range of sizes (the tiny learning-check model: docs/BENCHMARKS.md);
+CP-SAM itself was trained on 7.5 to 120 px and needs no diameter. It costs two extra runs per
+image.
 
 Where this differs from Cellpose:
 
