@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch.distributed as dist  # noqa: E402
 
+from train.checkpoint import RunDirConflict  # noqa: E402
 from train.config import load_config, option_names  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 
@@ -50,6 +51,11 @@ def main(argv=None) -> int:
     try:
         trainer = Trainer(cfg)
         trainer.train()
+    except RunDirConflict as error:
+        # Every rank finds the same conflict; one message is enough.
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
     finally:
         if trainer is not None:
             trainer.close()
