@@ -160,7 +160,7 @@ def test_orphans_and_bad_files_are_listed_and_rejected_by_name(tmp_path):
         ihc_tma.load(tmp_path, fold1[0])
     with pytest.raises(ValueError, match="fold1_1.npy: cannot read"):
         ihc_tma.load(tmp_path, fold1[1])
-    with pytest.raises(ValueError, match=r"fold2_0.npy: expected masks of shape \(C, H, W\) \(published: \(3, H, W\)\)"):
+    with pytest.raises(ValueError, match=r"fold2_0.npy: expected masks of shape \(C, H, W\) \(published: \(3, H"):
         ihc_tma.load(tmp_path, ihc_tma.find_items(tmp_path, "fold2")[0])
 
 
