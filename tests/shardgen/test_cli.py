@@ -26,10 +26,27 @@ def shardgen(*args, check=True):
     return result
 
 
+def _list_entries(out: str) -> dict[str, str]:
+    """{converter name: its --list text}: an entry starts with the name at column 0, indented lines follow."""
+    entries, name = {}, None
+    for line in out.splitlines():
+        if line[:1].strip():
+            name = line.split()[0]
+            entries[name] = line
+        elif name is not None:
+            entries[name] += "\n" + line
+    return entries
+
+
 def test_list_names_every_converter():
-    out = shardgen("--list").stdout
-    for name in NAMES:
-        assert f"\n{name} " in "\n" + out
+    entries = _list_entries(shardgen("--list").stdout)
+    assert list(entries) == list(NAMES)
+    # The Cellpose nuclei set has no public copy to check its layout against: --list says so.
+    assert "layout: ASSUMED" in entries["nuclei"] and "train/ and test/ with NNN_img.png" in entries["nuclei"]
+    # NuInsSeg: both forms, with and without the NuInsSeg/ level (both are read: test_nuinsseg.py).
+    assert "NuInsSeg/<tissue>/tissue images/<name>.png" in entries["nuinsseg"]
+    assert "or <tissue>/tissue images/<name>.png" in entries["nuinsseg"]
+    assert "no NuInsSeg/ level" in entries["nuinsseg"]
 
 
 def test_convert_then_verify(tmp_path):
