@@ -16,8 +16,9 @@ CPM-15 has no published split (15 images), so it is the ``all`` split, subset ``
 
 Pairing: an image ``<stem>.png`` pairs with the label file ``<stem>`` or ``<stem>_mask`` (the
 release's name) with one of the label suffixes, so the released files also pair when they are put
-into ``Images/`` and ``Labels/``. An image without a label file and a label file without an image
-are items that ``load`` rejects.
+into ``Images/`` and ``Labels/``. In the flat folder only ``*_mask.*`` files are label files, and
+``README*`` files (the release's ``README_training.txt``) never are. An image without a label
+file and a label file without an image are items that ``load`` rejects.
 
 Label formats (with several for one image, the first in this order is used, the others ignored):
 
@@ -113,6 +114,8 @@ def find_items(root: Path, split: str) -> list[Item]:
     image_dir, label_dir, subset = folders
     labels_by_key: dict[str, list[Path]] = {}
     for label in image_files(label_dir, LABEL_SUFFIXES):
+        if label.name.lower().startswith("readme") or (label_dir == image_dir and _pair_key(label) == label.stem):
+            continue  # the release's README_training.txt; in the flat folder only imageXX_mask.* are labels
         labels_by_key.setdefault(_pair_key(label), []).append(label)
     items = []
     for image in image_files(image_dir, _IMAGE_SUFFIXES):

@@ -252,7 +252,8 @@ def release_labels(height: int, width: int, seed: int) -> np.ndarray:
 def write_release(folder: Path, image_folder: Path | None = None, swap_headers: bool = False) -> dict:
     """The release's real names and format (README_training.txt): ``imageXX.png``,
     ``imageXX_mask.txt`` (a "width height" line, e.g. "643 488", then one id per line, x fastest)
-    and ``imageXX_poly.png`` (the outlines drawn on the image, for viewing). ``swap_headers``
+    and ``imageXX_poly.png`` (the outlines drawn on the image, for viewing), beside the release's
+    ``README_training.txt``. ``swap_headers``
     gives image02's and image03's label files each other's header, as in a real copy.
     Returns {stem: (rgb, labels)}."""
     image_folder = image_folder or folder
@@ -264,6 +265,7 @@ def write_release(folder: Path, image_folder: Path | None = None, swap_headers: 
         labels = release_labels(height, width, seed)
         write_vector(folder / f"{stem}_mask.txt", labels)
         written[stem] = (rgb, labels)
+    (folder / "README_training.txt").write_text("This is the training dataset ...\n")  # not a label file
     if swap_headers:
         for stem, other in (("image02", "image03"), ("image03", "image02")):
             height, width = RELEASE_SIZES[other]
