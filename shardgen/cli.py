@@ -7,6 +7,10 @@
 
 Options shared by the converting forms: ``--weights FILE`` (YAML overrides of the sampling
 weights), ``--max-shard-samples`` and ``--max-shard-mb`` (shard rollover).
+
+A ``--src`` (or a ``--data-root`` folder) one level above the dataset folder, e.g. the folder
+that holds the unpacked ``stage1_train/`` or ``tissuenet_v1-1/``, is followed down when exactly
+one of its folders has the dataset's layout; a log line says so.
 """
 
 from __future__ import annotations
@@ -53,6 +57,55 @@ def _print_list() -> None:
         print(f"{name:<14} {info.title}")
         print(f"{'':<14} splits: {', '.join(info.splits)}; {info.modality}; channels: {', '.join(info.channel_names)}")
         print(f"{'':<14} layout: {info.layout}")
+
+
+def follow_child_folder(name: str, src: Path, error: LayoutError) -> Path:
+    """The one folder inside ``src`` that has the layout of converter ``name``.
+
+    For a ``src`` one level above the dataset folder (the folder an archive was unpacked into).
+    Called after converting ``src`` raised ``error``, so a ``src`` with the layout costs nothing
+    extra. ``src`` and then each sub-folder (archive debris skipped) are tried with the
+    converter's ``find_items`` on its first split. Raises ``error`` again when ``src`` itself
+    lists (the error was about something else, perhaps after some splits were written) or when
+    no sub-folder has the layout, and a LayoutError naming them when several do.
+    """
+    if not src.is_dir():
+        raise error
+    converter = get_converter(name)
+    split = converter.INFO.splits[0]
+    try:
+        converter.find_items(src, split)
+    except OSError:
+        pass  # src lacks the layout: look one level down
+    else:
+        raise error
+    matches = []
+    for child in sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX"):
+        try:
+            converter.find_items(child, split)
+        except OSError:  # LayoutError (a FileNotFoundError), or a folder that cannot be read
+            continue
+        matches.append(child)
+    if not matches:
+        raise error
+    if len(matches) > 1:
+        names = ", ".join(p.name for p in matches)
+        raise LayoutError(
+            f"{src} does not have the {name} layout, and several folders inside it do ({names}); point --src "
+            f"at one of them"
+        ) from error
+    return matches[0]
+
+
+def _convert(name: str, src: Path, args: argparse.Namespace, config: BuildConfig) -> None:
+    """Build ``name`` from ``src``, or from the one folder inside it with the layout (logged)."""
+    try:
+        build_dataset(name, src, args.out, splits=args.split, config=config, finalize_root=False)
+    except LayoutError as error:
+        child = follow_child_folder(name, src, error)
+        log.info("%s: %s does not have the %s layout but its folder %s does; converting that", name, src, name,
+                 child.name)
+        build_dataset(name, child, args.out, splits=args.split, config=config, finalize_root=False)
 
 
 def _print_summary(rows: list[dict]) -> None:
@@ -118,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, src in jobs:
         log.info("converting %s from %s", name, src)
         try:
-            build_dataset(name, src, args.out, splits=args.split, config=config, finalize_root=False)
+            _convert(name, src, args, config)
         except (LayoutError, ValueError) as error:
             log.error("%s: %s", name, error)
             failed.append(name)
