@@ -43,6 +43,8 @@ from pipeline.shards import (
     SampleMeta,
     cellpose_diameter,
     encode_sample,
+    image_problem,
+    sample_problems,
 )
 from shardgen.base import Item, ItemError
 from shardgen.datasets import get_converter
@@ -121,6 +123,9 @@ def make_sample(name: str, root: str, item: Item, key: str) -> _Done | _Rejected
             modality=loaded.modality or converter.INFO.modality,
             channel_names=channel_names,
         )
+        problems = sample_problems(image, labels, flows.astype(np.float16), meta, ignore)
+        if problems:  # the checks every reader of the shards applies: never write what they would skip
+            raise ItemError("; ".join(problems))
         sample = encode_sample(image, labels, flows, meta, ignore)
         nbytes = sum(len(v) for k, v in sample.items() if k != "__key__")
         return _Done(sample, meta.manifest_row(shard=""), nbytes)
@@ -134,16 +139,13 @@ def _check_arrays(image, labels, ignore):
     """Validate a converter's output and renumber the labels 1..N (uint16, or uint32 past 65535)."""
     image = np.asarray(image)
     labels = np.asarray(labels)
-    if image.ndim != 3 or not 1 <= image.shape[2] <= 3:
-        raise ItemError(f"image must be (H, W, C) with 1 to 3 channels; got shape {image.shape}")
-    if image.dtype not in (np.uint8, np.uint16):
-        raise ItemError(f"image must be uint8 or uint16; got {image.dtype}")
+    problem = image_problem(image)
+    if problem:
+        raise ItemError(problem)
     if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
         raise ItemError(f"labels must be a 2-D integer image; got {labels.dtype} {labels.shape}")
     if labels.shape != image.shape[:2]:
         raise ItemError(f"image/label size mismatch: image {image.shape[:2]}, labels {labels.shape}")
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise ItemError(f"empty image {image.shape}")
     if labels.size and labels.min() < 0:
         raise ItemError(f"labels hold negative ids (min {labels.min()})")
     # Renumber 1..N keeping the source's id order (object k is the k-th smallest source id).

@@ -58,7 +58,7 @@ import webdataset as wds
 import yaml
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.shards import MANIFEST_FILE, TRAIN_SPLITS, WEIGHTS_FILE, decode_sample, group_key
+from pipeline.shards import MANIFEST_FILE, TRAIN_SPLITS, WEIGHTS_FILE, decode_sample, group_key, sample_problems
 
 log = logging.getLogger(__name__)
 
@@ -354,21 +354,9 @@ def _decode(raw: dict, expected_group: str | None) -> _Sample:
     """Decode a raw webdataset sample and check that its parts agree; ValueError otherwise."""
     image, labels, flows, meta, ignore = decode_sample(raw)
     key = raw.get("__key__", "?")
-    if image.ndim != 3 or not 1 <= image.shape[2] <= 3 or image.dtype not in (np.uint8, np.uint16):
-        raise ValueError(f"image must be (H, W, 1..3) uint8/uint16; got {image.dtype} {image.shape}")
-    height, width = image.shape[:2]
-    if labels.shape != (height, width) or labels.dtype.kind != "u":
-        raise ValueError(f"labels must be unsigned ({height}, {width}); got {labels.dtype} {labels.shape}")
-    if flows.shape != (2, height, width) or flows.dtype.kind != "f":
-        raise ValueError(f"flows must be float (2, {height}, {width}); got {flows.dtype} {flows.shape}")
-    if ignore is not None and ignore.shape != (height, width):
-        raise ValueError(f"ignore mask must be ({height}, {width}); got {ignore.shape}")
-    if (meta.height, meta.width, meta.channels) != image.shape:
-        raise ValueError(f"json says {(meta.height, meta.width, meta.channels)} but the image is {image.shape}")
-    if meta.key != key:
-        raise ValueError(f"json key {meta.key!r} differs from the tar key {key!r}")
-    if not (math.isfinite(meta.diameter) and meta.diameter > 0):
-        raise ValueError(f"diameter must be positive; got {meta.diameter}")
+    problems = sample_problems(image, labels, flows, meta, ignore, key=key)
+    if problems:
+        raise ValueError("; ".join(problems))
     group = group_key(meta.dataset, meta.subset)
     if expected_group is not None and group != expected_group:
         raise ValueError(
