@@ -97,10 +97,11 @@ class _Rejected:
     reason: str
 
 
-def make_sample(name: str, root: str, item: Item, key: str) -> _Done | _Rejected:
-    """Load, check and encode one item; every failure becomes a reject with its reason."""
+def make_sample(name: str, root: str, item: Item, key: str, converter: str | None = None) -> _Done | _Rejected:
+    """Load, check and encode one item of dataset ``name`` (read by converter ``converter``, by
+    default the one of that name); every failure becomes a reject with its reason."""
     try:
-        converter = get_converter(name)
+        converter = get_converter(converter or name)
         loaded = converter.load(Path(root), item)
         image, labels, ignore = _check_arrays(loaded.image, loaded.labels, loaded.ignore)
         if labels.max() == 0:
@@ -318,7 +319,8 @@ def _finished_sidecars(folder: Path, prefix: str, fingerprint: str) -> list[dict
         done.append(sidecar)
 
 
-def _write_group(name: str, root: Path, out: Path, items: list[Item], config: BuildConfig, pool) -> None:
+def _write_group(name: str, root: Path, out: Path, items: list[Item], config: BuildConfig, pool,
+                 converter: str | None = None) -> None:
     subset, split = items[0].subset, items[0].split
     prefix = _group_prefix(name, subset, split)
     fingerprint = _fingerprint(items)
@@ -328,7 +330,7 @@ def _write_group(name: str, root: Path, out: Path, items: list[Item], config: Bu
         log.info("%s: all %d items already converted", prefix, len(items))
         return
     writer = _GroupWriter(out, name, prefix, fingerprint, config, shard_index=len(done), first_item=start)
-    tasks = ((name, str(root), items[i], f"{prefix}-{i:07d}") for i in range(start, len(items)))
+    tasks = ((name, str(root), items[i], f"{prefix}-{i:07d}", converter) for i in range(start, len(items)))
     progress = tqdm(total=len(items), initial=start, desc=prefix, unit="img", leave=False)
     try:
         for offset, result in enumerate(_ordered_map(make_sample, tasks, pool)):
@@ -362,20 +364,23 @@ def build_dataset(
     config: BuildConfig | None = None,
     finalize_root: bool = True,
     weights_file: str | Path | None = None,
+    dataset: str | None = None,
 ) -> dict:
     """Convert one dataset folder into shards under ``out/<name>/``; returns its summary row.
 
     ``splits`` defaults to every split the converter publishes. ``finalize_root`` rebuilds the
     manifest, rejects and weights files of ``out`` afterwards (turn it off when converting
-    several datasets in a row and call :func:`finalize` once).
+    several datasets in a row and call :func:`finalize` once). ``dataset`` writes the samples
+    under that name instead of the converter's (the synthetic stand-ins of ``--like paper``).
     """
     config = config or BuildConfig(workers=workers, limit=limit)
     converter = get_converter(name)
+    reader, name = name, dataset or name
     root, out = Path(src), Path(out)
     wanted = tuple(splits) if splits else converter.INFO.splits
     unknown = set(wanted) - set(converter.INFO.splits)
     if unknown:
-        raise ValueError(f"{name} publishes splits {converter.INFO.splits}; unknown: {sorted(unknown)}")
+        raise ValueError(f"{reader} publishes splits {converter.INFO.splits}; unknown: {sorted(unknown)}")
     with _worker_pool(config.workers) as pool:
         for split in wanted:
             items = converter.find_items(root, split)
@@ -385,7 +390,7 @@ def build_dataset(
             for item in items:
                 groups.setdefault(item.subset, []).append(item)
             for group in groups.values():
-                _write_group(name, root, out, group, config, pool)
+                _write_group(name, root, out, group, config, pool, converter=reader if reader != name else None)
     if finalize_root:
         finalize(out, weights_file)
     return summarize(out, [name])[0]

@@ -71,3 +71,8 @@ def test_layout_error_names_the_folder_and_exits_nonzero(tmp_path):
     result = shardgen("--dataset", "synthetic", "--src", src, "--out", tmp_path / "o", "--workers", "0", check=False)
     assert result.returncode == 1
     assert "counts.txt:1" in result.stderr
+
+
+def test_like_needs_the_synthetic_converter(tmp_path):
+    result = shardgen("--dataset", "cyto2", "--src", tmp_path, "--out", tmp_path / "o", "--like", "paper", check=False)
+    assert result.returncode == 2 and "--like needs --dataset synthetic" in result.stderr
