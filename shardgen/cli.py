@@ -4,6 +4,7 @@
     python -m shardgen --dataset NAME --src DIR --out DIR [--workers N] [--split S ...] [--limit N]
     python -m shardgen --data-root DIR --out DIR [--workers N]      every dataset folder under DIR
     python -m shardgen verify DIR
+    python -m shardgen --dataset synthetic --like paper --scale S --out DIR   the paper's mix, synthetic
 
 Options shared by the converting forms: ``--weights FILE`` (YAML overrides of the sampling
 weights), ``--max-shard-samples`` and ``--max-shard-mb`` (shard rollover).
@@ -19,11 +20,13 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from shardgen.base import LayoutError
 from shardgen.build import BuildConfig, build_dataset, finalize, summarize
 from shardgen.datasets import NAMES, get_converter
+from shardgen.datasets.synthetic import paper_like_folders
 from shardgen.verify import verify
 
 log = logging.getLogger("shardgen")
@@ -45,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores)")
     parser.add_argument("--limit", type=int, help="convert only the first N items of each split")
     parser.add_argument("--weights", type=Path, help="YAML file overriding sampling weights")
+    parser.add_argument("--like", choices=["paper"],
+                        help="with --dataset synthetic: one synthetic group per paper dataset, with its image size, "
+                             "channels, dtype, modality and share of images (see shardgen/datasets/synthetic.py)")
+    parser.add_argument("--scale", type=float, default=0.1,
+                        help="with --like: images per dataset as a fraction of the paper's counts (default 0.1)")
     defaults = BuildConfig()
     parser.add_argument("--max-shard-samples", type=int, default=defaults.max_samples)
     parser.add_argument("--max-shard-mb", type=float, default=defaults.max_bytes / 2**20)
@@ -130,6 +138,26 @@ def _verify_main(argv: list[str]) -> int:
     return 1 if problems else 0
 
 
+def _like_paper(args: argparse.Namespace, config: BuildConfig) -> int:
+    """Synthetic stand-ins of the paper's datasets under their own names, with the paper's weights."""
+    try:
+        folders = paper_like_folders(args.scale)
+    except ValueError as error:
+        print(f"error: --scale: {error}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as settings:
+        for name, counts in folders.items():
+            src = Path(settings) / name
+            src.mkdir()
+            (src / "counts.txt").write_text(counts)
+            log.info("writing the synthetic stand-in of %s (scale %g)", name, args.scale)
+            build_dataset("synthetic", src, args.out, splits=args.split, config=config, finalize_root=False,
+                          dataset=name)
+    finalize(args.out, args.weights)
+    _print_summary(summarize(args.out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -154,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
 
+    if args.like and args.dataset != "synthetic":
+        parser.error("--like needs --dataset synthetic")
+    if args.like:
+        return _like_paper(args, config)
     if args.dataset:
         jobs = [(args.dataset, args.src or Path("."))]
     else:

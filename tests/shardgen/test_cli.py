@@ -136,3 +136,8 @@ def test_src_one_level_above_the_dataset_folder_is_followed_with_a_log_line(tmp_
     result = shardgen("--dataset", "instance_pngs", "--src", src, "--out", out, "--workers", "0")
     assert f"{src} does not have the instance_pngs layout but its folder stage1_train does" in result.stderr
     assert sorted(pq.read_table(out / "manifest.parquet").column("source").to_pylist()) == ["img0", "img1", "img2"]
+
+
+def test_like_needs_the_synthetic_converter(tmp_path):
+    result = shardgen("--dataset", "cyto2", "--src", tmp_path, "--out", tmp_path / "o", "--like", "paper", check=False)
+    assert result.returncode == 2 and "--like needs --dataset synthetic" in result.stderr
