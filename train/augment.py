@@ -220,6 +220,8 @@ class _DegradeParams:
     sigma: torch.Tensor  # (B, 2) float32 blur sigma (y, x) in pixels; 0 = no blur
     factor: torch.Tensor  # (B, 2) int64 downsampling factor (y, x); 1 = none
     photons: torch.Tensor  # (B,) float32 Poisson photon scale; 0 = no noise
+    index: torch.Tensor  # (D,) int64 on the CPU: the samples drawn for a degradation
+    index_device: torch.Tensor  # the same on the device
 
 
 # ------------------------------------------------------------------------------------------------
@@ -360,7 +362,10 @@ def _draw_params(
     )
 
     # Degradations (Cellpose3's denoise.add_noise), sigmas relative to the object diameter in the crop.
-    degrade = uniform() < cfg.degrade_prob
+    # Which samples are degraded is drawn on the host (see _host_generator), so that only those go
+    # through the degradation's matmuls and noise without the host asking the device which.
+    degrade_cpu, index = _draw_degraded(b, cfg.degrade_prob, generator)
+    degrade = _to_device(degrade_cpu, device)
     anisotropic = uniform() < cfg.anisotropic_prob
     downsample = degrade & (uniform() < cfg.downsample_prob)
     factor = 2 + (uniform() * (cfg.downsample_max - 1)).long().clamp(max=cfg.downsample_max - 2)
@@ -385,7 +390,27 @@ def _draw_params(
         min=cfg.poisson_min_scale
     )
     photons = photons * (degrade & (uniform() < cfg.poisson_prob))
-    return affine, channel, _DegradeParams(sigma=sigma, factor=factors, photons=photons)
+    return affine, channel, _DegradeParams(sigma=sigma, factor=factors, photons=photons, index=index,
+                                           index_device=_to_device(index, device))
+
+
+def _draw_degraded(b: int, probability: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of ``b`` samples are degraded: a (B,) bool mask and their indices, both on the CPU.
+
+    Drawn on the host from a CPU generator seeded from ``generator``'s seed (``initial_seed`` is
+    a host-side number, so no device is asked; the trainer seeds a fresh generator for every
+    micro-batch, so these draws differ between batches as the device's do).
+    """
+    seed = (generator.initial_seed() * 0x9E3779B97F4A7C15 + 0x2545F4914F6CDD1D) % (1 << 64)
+    degrade = torch.rand(b, generator=torch.Generator().manual_seed(seed)) < probability
+    return degrade, degrade.nonzero()[:, 0]
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the device: pinned, then copied asynchronously."""
+    if device.type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _centre_crop_params(rescale: torch.Tensor) -> _AffineParams:
@@ -612,23 +637,24 @@ def _degrade(images: torch.Tensor, params: _DegradeParams, generator: torch.Gene
 
     Blur (zero padding) and resampling are both linear along each axis, so they fold into one
     (S, S) matrix per sample and axis: the result is ``A_y @ image @ A_x.T``, two batched matmuls
-    with no dependence of the cost on sigma and no per-sample loop. Every sample goes through
-    them (an undegraded one has identity matrices and is then kept as it was): picking out the
-    degraded ones would need their indices on the host, a host-device sync per step, to save a
-    few GFLOP against the ~70 TFLOP of a ViT-L step. The Poisson draws come last from
-    ``generator``: how many numbers they take may depend on the data on the CPU, and nothing
-    draws after them.
+    with no dependence of the cost on sigma and no per-sample loop. Only the samples drawn for a
+    degradation (``params.index``, known on the host: no sync) go through them; the others would
+    cost as much and come out unchanged, and they are most of the batch (``degrade_prob``
+    0.25-0.5). The Poisson draws come last from ``generator``: how many numbers they take may
+    depend on the data on the CPU, and nothing draws after them.
     """
-    active = (params.sigma > 0).any(dim=1) | (params.factor > 1).any(dim=1) | (params.photons > 0)
+    if params.index.numel() == 0:
+        return images
+    index = params.index_device
+    sigma, factor, photons = params.sigma[index], params.factor[index], params.photons[index]
     size = images.shape[-1]
-    along_y = _resample_matrix(params.factor[:, 0], size) @ _blur_matrix(params.sigma[:, 0], size)
-    along_x = _resample_matrix(params.factor[:, 1], size) @ _blur_matrix(params.sigma[:, 1], size)
-    degraded = along_y[:, None] @ images @ along_x[:, None].transpose(-1, -2)
-    photons = params.photons[:, None, None, None]
+    along_y = _resample_matrix(factor[:, 0], size) @ _blur_matrix(sigma[:, 0], size)
+    along_x = _resample_matrix(factor[:, 1], size) @ _blur_matrix(sigma[:, 1], size)
+    degraded = along_y[:, None] @ images[index] @ along_x[:, None].transpose(-1, -2)
+    photons = photons[:, None, None, None]
     safe = photons.clamp(min=1e-6)
     noisy = torch.poisson(degraded.clamp(min=0.0) * safe, generator=generator) / safe
-    degraded = torch.where(photons > 0, noisy, degraded)
-    return torch.where(active[:, None, None, None], degraded, images)
+    return images.index_copy(0, index, torch.where(photons > 0, noisy, degraded))
 
 
 def _blur_matrix(sigma: torch.Tensor, size: int) -> torch.Tensor:

@@ -363,6 +363,8 @@ def test_degrade_transforms_only_its_samples_each_by_its_own_matrices():
         sigma=torch.tensor([[0.0, 0.0], [2.0, 0.2], [0.0, 0.0], [1.5, 1.5]]),
         factor=torch.tensor([[1, 1], [1, 1], [1, 1], [3, 3]]),
         photons=torch.zeros(4),
+        index=torch.tensor([1, 3]),  # the samples drawn for a degradation
+        index_device=torch.tensor([1, 3]),
     )
     out = _degrade(images, params, torch.Generator().manual_seed(0))
     assert torch.equal(out[[0, 2]], images[[0, 2]])

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-import pipeline.model
+import train.augment
 import train.trainer
 from pipeline.model import ENCODERS, ModelConfig, forward_flops_parts, sample_layer_drop
 from shardgen.build import build_dataset
@@ -171,11 +171,12 @@ SYNC_OPS = {"_local_scalar_dense", "nonzero", "is_nonzero", "masked_select", "_u
 class SyncCounter(TorchDispatchMode):
     """Records data-dependent ops on device tensors, keyed by the trainer's step at the time.
 
-    The layer-drop masks live on the host by design (drawn on the CPU so that the host knows the
-    per-block sample counts without asking the device); ops whose tensor inputs all derive from
-    them are host work and not counted. On this CPU run the device is the CPU too, so host
-    tensors are told apart by where they come from: sample_layer_drop's output, and what is
-    computed only from it.
+    Some draws live on the host by design: the layer-drop masks and which samples are degraded
+    (drawn on the CPU so that the host knows the per-block sample counts and the degraded
+    samples without asking the device); ops whose tensor inputs all derive from them are host
+    work and not counted. On this CPU run the device is the CPU too, so host tensors are told
+    apart by where they come from: draws from the host generators, and what is computed only
+    from them.
     """
 
     def __init__(self, trainer):
@@ -186,6 +187,19 @@ class SyncCounter(TorchDispatchMode):
 
     def mark_host(self, tensor):
         self.host[id(tensor)] = tensor
+
+    def host_function(self, function):
+        """``function`` run unobserved, its tensor outputs marked as host tensors."""
+
+        def run(*args, **kwargs):
+            with _disable_current_modes():
+                out = function(*args, **kwargs)
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.mark_host(t)
+            return out
+
+        return run
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -235,15 +249,9 @@ def test_a_step_syncs_the_host_once_outside_log_and_checkpoint_steps(shards, tmp
     ])
     trainer = Trainer(cfg)
     counter = SyncCounter(trainer)
-    real_sample = pipeline.model.sample_layer_drop
-
-    def sample_on_host(*args, **kwargs):
-        with _disable_current_modes():
-            drop = real_sample(*args, **kwargs)
-        counter.mark_host(drop)
-        return drop
-
-    monkeypatch.setattr(train.trainer, "sample_layer_drop", sample_on_host)
+    # The host's own draws: the layer-drop masks and which samples are degraded.
+    monkeypatch.setattr(train.trainer, "sample_layer_drop", counter.host_function(sample_layer_drop))
+    monkeypatch.setattr(train.augment, "_draw_degraded", counter.host_function(train.augment._draw_degraded))
     try:
         with counter:
             trainer.train()
@@ -270,7 +278,7 @@ def test_a_step_syncs_the_host_once_outside_log_and_checkpoint_steps(shards, tmp
         for step in range(start, end):
             for micro in range(2):
                 random = step_random(cfg.seed, 0, step, micro, torch.device("cpu"))
-                drop = real_sample(2, depth, cfg.model.layer_drop, random.layer_drop, random.drop_counts)
+                drop = sample_layer_drop(2, depth, cfg.model.layer_drop, random.layer_drop, random.drop_counts)
                 flops += 3 * (2 * outside + int((~drop).sum()) * block)
         record = logged[end]
         seconds = record["step_seconds"] * (end - start)
