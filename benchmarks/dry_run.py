@@ -360,7 +360,13 @@ def dry_run(cfg: TrainConfig, world_size: int, gpu: str = "H100 SXM") -> dict:
     checkpoint_bytes = 0
     if cfg.model.sam_checkpoint is not None:
         path = Path(cfg.model.sam_checkpoint)
-        checkpoint_bytes = path.stat().st_size if path.is_file() else model_bytes
+        if path.is_file():
+            checkpoint_bytes = path.stat().st_size
+        else:
+            # SAM's file holds the encoder (most of the model) plus the small prompt encoder and decoder.
+            checkpoint_bytes = model_bytes
+            notes.append(f"model.sam_checkpoint {path} is not here: counted at the model's fp32 size "
+                         f"({model_bytes / GIB:.2f} GiB; SAM's released vit_l file is about 1.2 GB)")
     host_parts = {
         "loader_in_flight": host["in_flight"] / GIB,
         "loader_shuffle": host["shuffle"] / GIB,
