@@ -59,6 +59,7 @@ import yaml
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.shards import MANIFEST_FILE, TRAIN_SPLITS, WEIGHTS_FILE, decode_sample, group_key, sample_problems
+from train.augment import LAYOUT_COLUMNS, TRANSFORM_COLUMNS, AugmentConfig
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ log = logging.getLogger(__name__)
 _FLOAT16_MAX = 65504
 # What a generator is for: the first seed word, so two purposes never share a seed. Each tag
 # always comes with the same number of words (SeedSequence treats trailing zeros as absent).
-_TAG_GROUPS, _TAG_SHARDS, _TAG_SHUFFLE, _TAG_REFILL, _TAG_CROP = range(1, 6)
+_TAG_GROUPS, _TAG_SHARDS, _TAG_SHUFFLE, _TAG_REFILL, _TAG_CROP, _TAG_GEOMETRY = range(1, 7)
 # A corrupt sample's slot is refilled from at most this many random picks of its group.
 _MAX_REFILL_PICKS = 16
 
@@ -194,6 +195,58 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+@dataclass
+class WindowBatch:
+    """One training batch as windows: per sample, the part of its image the step's warp reads,
+    in its stored dtypes, packed without padding, with the warp that reads it.
+
+    The CPU draws each sample's geometry (train.augment's rescale, zoom, rotation, flip and crop
+    shift, with its distributions) from the step's seed, and cuts out the source window the
+    (crop_size x crop_size) output reads, plus the bilinear taps' margin; the device resamples it
+    (``train.augment``). Window ``i`` is (h, w) = ``layout[i, 4:6]`` pixels; its image is (h, w, c)
+    little-endian uint8 or uint16 bytes in ``image_bytes`` from ``layout[i, 0]``, its labels (h, w)
+    uint16 or uint32 bytes in ``label_bytes`` from ``layout[i, 1]``, its flows (2, h, w) in
+    ``flows`` from ``layout[i, 2]`` and its ignore mask (h, w) in ``ignore`` from ``layout[i, 3]``
+    (-1: none).
+    """
+
+    image_bytes: torch.Tensor
+    """(N,) uint8: every window's image, (h, w, c) in its stored dtype, one after another."""
+    label_bytes: torch.Tensor
+    """(M,) uint8: every window's labels, (h, w) uint16 or uint32 as stored."""
+    flows: torch.Tensor
+    """(K,) float16: every window's unit flows (2, h, w), (dy, dx)."""
+    ignore: torch.Tensor
+    """(L,) bool: the windows' ignore masks (h, w), of the samples that have one (at least 1 element)."""
+    layout: torch.Tensor
+    """(B, 9) int64, columns :data:`LAYOUT_COLUMNS`: where each window is and its shape and dtypes."""
+    transform: torch.Tensor
+    """(B, 8) float32, columns :data:`TRANSFORM_COLUMNS`: the window pixel (y, x) the output's
+    centre shows before the shift, the total scale (rescale x zoom), the angle (radians), the flip
+    (0/1), the shift of the image centre from the crop centre (output pixels) and the zoom alone."""
+    bounds: torch.Tensor
+    """(B, 3, 2) float32: each channel's (low, high) percentiles over the whole (max_side-cropped)
+    sample, what the first normalisation maps to 0 and 1; NaN for channels the sample lacks."""
+    diameters: torch.Tensor
+    """(B,) float32 Cellpose diameter of the whole sample, from its json."""
+    datasets: list[str]
+    """Group key per sample."""
+    keys: list[str]
+    """Shard key per sample."""
+    image_itemsize: int = 1
+    """Largest image itemsize in the batch (1 or 2): how many bytes the device combines per value."""
+    label_itemsize: int = 2
+    """Largest label itemsize in the batch (2 or 4)."""
+    step: int = -1
+    """Global step this training batch belongs to."""
+    skipped: int = 0
+    """Corrupt samples, and reads of damaged shards, skipped while assembling this batch."""
+
+    to = Batch.to
+    pin_memory = Batch.pin_memory
+    __len__ = Batch.__len__
 
 
 # ------------------------------------------------------------------------------------------------
@@ -440,6 +493,126 @@ def _collate(samples: list[_Sample], max_side: int, rng: np.random.Generator | N
     )
 
 
+def _geometry_draws(rng: np.random.Generator, n: int, augment: AugmentConfig) -> dict[str, np.ndarray]:
+    """Each sample's zoom, angle (radians), flip and shift fractions: train.augment's laws
+    (paper.md 1c/1d, Cellpose's random_rotate_and_resize), from one fixed-shape draw."""
+    u = rng.random((n, 5))
+    low, high = augment.zoom_log2_range
+    return dict(
+        zoom=2.0 ** (low + (high - low) * u[:, 0]),
+        angle=np.deg2rad(augment.rotation_degrees * (2 * u[:, 1] - 1)),
+        flip=u[:, 2] < augment.flip_prob,
+        shift=u[:, 3:5] - 0.5,  # times the slack, per axis
+    )
+
+
+def _inverse_corners(centre, scale, angle, flip, shift, crop_size) -> np.ndarray:
+    """(4, 2) source (y, x) of the output crop's corner pixels: train.augment's inverse affine map."""
+    half = (crop_size - 1) / 2
+    q = np.array([[-half, -half], [-half, half], [half, -half], [half, half]]) - shift
+    cos, sin = math.cos(angle), math.sin(angle)
+    src_y = (cos * q[:, 0] + sin * q[:, 1]) / scale
+    src_x = (-sin * q[:, 0] + cos * q[:, 1]) / scale
+    if flip:
+        src_x = -src_x
+    return np.stack([src_y + centre[0], src_x + centre[1]], axis=1)
+
+
+def channel_bounds(image: np.ndarray, percentiles: tuple[float, float], max_pixels: int) -> np.ndarray:
+    """(C, 2) float32 (low, high) percentiles of each channel of an (H, W, C) uint8/uint16 image.
+
+    ``np.percentile``'s linear interpolation, on a strided subsample of at most about
+    ``max_pixels`` pixels (train.augment's ``_percentile_bounds`` rule), read from a histogram
+    of the integer values: exact, and a fraction of a sort's cost.
+    """
+    flat = image.reshape(-1, image.shape[-1])
+    step = -(-flat.shape[0] // max_pixels)
+    sub = flat[::step]
+    n = sub.shape[0]
+    position = np.array(percentiles, np.float64) / 100.0 * (n - 1)
+    below = np.floor(position)
+    ranks = np.concatenate([below, np.minimum(below + 1, n - 1)]).astype(np.int64)
+    out = np.empty((image.shape[-1], 2), np.float32)
+    for channel in range(image.shape[-1]):
+        cumulative = np.cumsum(np.bincount(sub[:, channel]))
+        values = np.searchsorted(cumulative, ranks, side="right").astype(np.float64)  # order statistics
+        value0, value1 = values[:2], values[2:]
+        out[channel] = value0 + (value1 - value0) * (position - below)
+    return out
+
+
+def _collate_windows(
+    samples: list[_Sample], max_side: int, crop_rng: np.random.Generator, geometry_rng: np.random.Generator,
+    augment: AugmentConfig,
+) -> WindowBatch:
+    """Draw each sample's geometry, cut out the window its warp reads, pack the windows."""
+    n = len(samples)
+    draws = _geometry_draws(geometry_rng, n, augment)
+    size = augment.crop_size
+    parts: dict[str, list[np.ndarray]] = {"image": [], "labels": [], "flows": [], "ignore": []}
+    offsets = dict.fromkeys(parts, 0)
+    layout = np.zeros((n, len(LAYOUT_COLUMNS)), np.int64)
+    transform = np.zeros((n, len(TRANSFORM_COLUMNS)), np.float32)
+    bounds = np.full((n, 3, 2), np.nan, np.float32)
+    for i, sample in enumerate(samples):
+        # The region the old loader cropped to max_side (same draws): the image as augment sees it.
+        ys = _crop_window(sample.image.shape[0], max_side, crop_rng)
+        xs = _crop_window(sample.image.shape[1], max_side, crop_rng)
+        h, w = ys.stop - ys.start, xs.stop - xs.start
+        image = sample.image[ys, xs]
+        bounds[i, : image.shape[2]] = channel_bounds(image, augment.percentiles, augment.percentile_max_pixels)
+        rescale = augment.target_diameter / max(sample.diameter, augment.min_diameter)
+        scale = rescale * draws["zoom"][i]
+        # The crop centre may move as far as the scaled image covers the crop (train.augment's rule).
+        slack = np.maximum(np.array([h, w]) * scale - size, 0.0)
+        shift = slack * draws["shift"][i]
+        centre = np.array([(h - 1) / 2, (w - 1) / 2])
+        corners = _inverse_corners(centre, scale, draws["angle"][i], draws["flip"][i], shift, size)
+        # Bilinear reads floor(p) and floor(p) + 1, nearest floor(p + 0.5); one more pixel each side
+        # covers float32 rounding on the device.
+        low = np.floor(corners.min(axis=0)).astype(np.int64) - 1
+        high = np.floor(corners.max(axis=0)).astype(np.int64) + 3
+        y0, x0 = int(np.clip(low[0], 0, h - 1)), int(np.clip(low[1], 0, w - 1))
+        y1, x1 = int(np.clip(high[0], y0 + 1, h)), int(np.clip(high[1], x0 + 1, w))
+        rows, cols = slice(ys.start + y0, ys.start + y1), slice(xs.start + x0, xs.start + x1)
+        window = {
+            "image": np.ascontiguousarray(sample.image[rows, cols]),
+            "labels": np.ascontiguousarray(sample.labels[rows, cols]),
+            "flows": np.ascontiguousarray(sample.flows[:, rows, cols]),
+        }
+        if sample.ignore is not None:
+            window["ignore"] = np.ascontiguousarray(sample.ignore[rows, cols])
+        where = {}
+        for name, array in window.items():
+            flat = array.reshape(-1) if name in ("flows", "ignore") else array.view(np.uint8).reshape(-1)
+            where[name] = offsets[name]
+            parts[name].append(flat)
+            offsets[name] += flat.size
+        layout[i] = (where["image"], where["labels"], where["flows"], where.get("ignore", -1), y1 - y0, x1 - x0,
+                     image.shape[2], image.dtype.itemsize, sample.labels.dtype.itemsize)
+        transform[i] = (centre[0] - y0, centre[1] - x0, scale, draws["angle"][i], float(draws["flip"][i]),
+                        shift[0], shift[1], draws["zoom"][i])
+
+    def packed(name: str, dtype) -> torch.Tensor:
+        chunks = parts[name] or [np.zeros(1, dtype)]
+        return torch.from_numpy(np.concatenate(chunks).astype(dtype, copy=False))
+
+    return WindowBatch(
+        image_bytes=packed("image", np.uint8),
+        label_bytes=packed("labels", np.uint8),
+        flows=packed("flows", np.float16),
+        ignore=packed("ignore", bool),
+        layout=torch.from_numpy(layout),
+        transform=torch.from_numpy(transform),
+        bounds=torch.from_numpy(bounds),
+        diameters=torch.tensor([s.diameter for s in samples], dtype=torch.float32),
+        datasets=[s.group for s in samples],
+        keys=[s.key for s in samples],
+        image_itemsize=int(layout[:, 7].max()),
+        label_itemsize=int(layout[:, 8].max()),
+    )
+
+
 def _padding_batch(side: int = 16) -> Batch:
     """One slot of pure padding: nothing valid, everything ignored (see build_val_loader)."""
     return Batch(
@@ -588,9 +761,11 @@ class _Chunk:
 class _TrainStream(IterableDataset):
     """Endless training batches of one rank starting at ``start_step`` (see the module docstring)."""
 
-    def __init__(self, cfg: DataConfig, groups: tuple[_Group, ...], rank: int, world_size: int, start_step: int):
+    def __init__(self, cfg: DataConfig, groups: tuple[_Group, ...], rank: int, world_size: int, start_step: int,
+                 augment: AugmentConfig | None = None):
         super().__init__()
         self.cfg = cfg
+        self.augment = augment
         self.groups = groups
         self.rank = rank
         self.world_size = world_size
@@ -642,7 +817,12 @@ class _TrainStream(IterableDataset):
             samples.append(sample)
             skipped += failed
         step = virtual + local * self.n_virtual
-        batch = _collate(samples, self.cfg.max_side, _rng(_TAG_CROP, self.cfg.seed, self.rank, step))
+        crop_rng = _rng(_TAG_CROP, self.cfg.seed, self.rank, step)
+        if self.augment is None:
+            batch = _collate(samples, self.cfg.max_side, crop_rng)
+        else:
+            geometry_rng = _rng(_TAG_GEOMETRY, self.cfg.seed, self.rank, step)
+            batch = _collate_windows(samples, self.cfg.max_side, crop_rng, geometry_rng, self.augment)
         batch.step, batch.skipped = step, skipped
         return batch
 
@@ -689,7 +869,8 @@ class TrainLoader:
     ``next``.
     """
 
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int, start_step: int = 0):
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, start_step: int = 0,
+                 augment: AugmentConfig | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}); got {rank}")
         if start_step < 0:
@@ -698,6 +879,7 @@ class TrainLoader:
         self.rank = rank
         self.world_size = world_size
         self.step = start_step
+        self.augment = augment
         self.groups = _train_groups(cfg)
         self.weights = {g.key: g.weight for g in self.groups}  # probability each group is drawn with
         self.steps_per_epoch = steps_per_epoch(cfg, world_size)
@@ -709,7 +891,7 @@ class TrainLoader:
         self._iterator: Iterator[Batch] | None = None
 
     def _start(self) -> Iterator[Batch]:
-        dataset = _TrainStream(self.cfg, self.groups, self.rank, self.world_size, self.step)
+        dataset = _TrainStream(self.cfg, self.groups, self.rank, self.world_size, self.step, self.augment)
         loader = DataLoader(
             dataset,
             batch_size=None,
@@ -765,9 +947,16 @@ def _log_plan(groups: tuple[_Group, ...], world_size: int, n_virtual: int) -> No
                     "their shards, so ranks may see the same samples in one step", few, slots)
 
 
-def build_train_loader(cfg: DataConfig, rank: int, world_size: int, start_step: int = 0) -> TrainLoader:
-    """Endless training batches of ``rank`` from global step ``start_step`` on (an iterator)."""
-    return TrainLoader(cfg, rank, world_size, start_step)
+def build_train_loader(
+    cfg: DataConfig, rank: int, world_size: int, start_step: int = 0, augment: AugmentConfig | None = None
+) -> TrainLoader:
+    """Endless training batches of ``rank`` from global step ``start_step`` on (an iterator).
+
+    With ``augment`` the batches are :class:`WindowBatch` es: the CPU draws each sample's geometry
+    from the step's seed and sends only the window the warp reads (what the trainer uses).
+    Without it they are whole-sample :class:`Batch` es, padded to the batch's largest sample.
+    """
+    return TrainLoader(cfg, rank, world_size, start_step, augment)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -889,6 +1078,7 @@ __all__ = [
     "Batch",
     "DataConfig",
     "TrainLoader",
+    "WindowBatch",
     "build_train_loader",
     "build_val_loader",
     "loader_host_bytes",
