@@ -432,7 +432,7 @@ class _Sample:
 
 def _decode(raw: dict, expected_group: str | None) -> _Sample:
     """Decode a raw webdataset sample and check that its parts agree; ValueError otherwise."""
-    image, labels, flows, meta, ignore = decode_sample(raw)
+    image, labels, flows, meta, ignore = decode_sample(raw, readonly=True)  # no copy: only windows are cut out
     key = raw.get("__key__", "?")
     problems = sample_problems(image, labels, flows, meta, ignore, key=key)
     if problems:
@@ -548,9 +548,9 @@ def _collate_windows(
     """Draw each sample's geometry, cut out the window its warp reads, pack the windows."""
     n = len(samples)
     draws = _geometry_draws(geometry_rng, n, augment)
-    size = augment.crop_size
-    parts: dict[str, list[np.ndarray]] = {"image": [], "labels": [], "flows": [], "ignore": []}
-    offsets = dict.fromkeys(parts, 0)
+    crop = augment.crop_size
+    offsets = dict.fromkeys(("image", "labels", "flows", "ignore"), 0)
+    windows: list[tuple[slice, slice]] = []
     layout = np.zeros((n, len(LAYOUT_COLUMNS)), np.int64)
     transform = np.zeros((n, len(TRANSFORM_COLUMNS)), np.float32)
     bounds = np.full((n, 3, 2), np.nan, np.float32)
@@ -564,10 +564,10 @@ def _collate_windows(
         rescale = augment.target_diameter / max(sample.diameter, augment.min_diameter)
         scale = rescale * draws["zoom"][i]
         # The crop centre may move as far as the scaled image covers the crop (train.augment's rule).
-        slack = np.maximum(np.array([h, w]) * scale - size, 0.0)
+        slack = np.maximum(np.array([h, w]) * scale - crop, 0.0)
         shift = slack * draws["shift"][i]
         centre = np.array([(h - 1) / 2, (w - 1) / 2])
-        corners = _inverse_corners(centre, scale, draws["angle"][i], draws["flip"][i], shift, size)
+        corners = _inverse_corners(centre, scale, draws["angle"][i], draws["flip"][i], shift, crop)
         # Bilinear reads floor(p) and floor(p) + 1, nearest floor(p + 0.5); one more pixel each side
         # covers float32 rounding on the device.
         low = np.floor(corners.min(axis=0)).astype(np.int64) - 1
@@ -575,33 +575,40 @@ def _collate_windows(
         y0, x0 = int(np.clip(low[0], 0, h - 1)), int(np.clip(low[1], 0, w - 1))
         y1, x1 = int(np.clip(high[0], y0 + 1, h)), int(np.clip(high[1], x0 + 1, w))
         rows, cols = slice(ys.start + y0, ys.start + y1), slice(xs.start + x0, xs.start + x1)
-        window = {
-            "image": np.ascontiguousarray(sample.image[rows, cols]),
-            "labels": np.ascontiguousarray(sample.labels[rows, cols]),
-            "flows": np.ascontiguousarray(sample.flows[:, rows, cols]),
-        }
-        if sample.ignore is not None:
-            window["ignore"] = np.ascontiguousarray(sample.ignore[rows, cols])
+        windows.append((rows, cols))
+        wh, ww = y1 - y0, x1 - x0
+        sizes = {"image": wh * ww * image.shape[2] * image.dtype.itemsize,
+                 "labels": wh * ww * sample.labels.dtype.itemsize, "flows": 2 * wh * ww,
+                 "ignore": wh * ww if sample.ignore is not None else 0}
         where = {}
-        for name, array in window.items():
-            flat = array.reshape(-1) if name in ("flows", "ignore") else array.view(np.uint8).reshape(-1)
-            where[name] = offsets[name]
-            parts[name].append(flat)
-            offsets[name] += flat.size
-        layout[i] = (where["image"], where["labels"], where["flows"], where.get("ignore", -1), y1 - y0, x1 - x0,
+        for name, nbytes in sizes.items():
+            where[name] = offsets[name] if nbytes else -1
+            offsets[name] += nbytes
+        layout[i] = (where["image"], where["labels"], where["flows"], where["ignore"], wh, ww,
                      image.shape[2], image.dtype.itemsize, sample.labels.dtype.itemsize)
         transform[i] = (centre[0] - y0, centre[1] - x0, scale, draws["angle"][i], float(draws["flip"][i]),
                         shift[0], shift[1], draws["zoom"][i])
-
-    def packed(name: str, dtype) -> torch.Tensor:
-        chunks = parts[name] or [np.zeros(1, dtype)]
-        return torch.from_numpy(np.concatenate(chunks).astype(dtype, copy=False))
-
+    # One copy of each window, straight into the batch's buffers (in shared memory in a worker,
+    # so the DataLoader's hand-over to the rank copies nothing more).
+    buffers = {name: _buffer(offsets[name], dtype)
+               for name, dtype in (("image", torch.uint8), ("labels", torch.uint8), ("flows", torch.float16),
+                                   ("ignore", torch.bool))}
+    arrays = {name: buffer.numpy() for name, buffer in buffers.items()}
+    for i, (sample, (rows, cols)) in enumerate(zip(samples, windows)):
+        start_image, start_labels, start_flows, start_ignore, wh, ww, c = (int(v) for v in layout[i, :7])
+        image, labels = sample.image, sample.labels
+        out = arrays["image"][start_image: start_image + wh * ww * c * image.dtype.itemsize]
+        out.view(image.dtype).reshape(wh, ww, c)[...] = image[rows, cols]
+        out = arrays["labels"][start_labels: start_labels + wh * ww * labels.dtype.itemsize]
+        out.view(labels.dtype).reshape(wh, ww)[...] = labels[rows, cols]
+        arrays["flows"][start_flows: start_flows + 2 * wh * ww].reshape(2, wh, ww)[...] = sample.flows[:, rows, cols]
+        if start_ignore >= 0:
+            arrays["ignore"][start_ignore: start_ignore + wh * ww].reshape(wh, ww)[...] = sample.ignore[rows, cols]
     return WindowBatch(
-        image_bytes=packed("image", np.uint8),
-        label_bytes=packed("labels", np.uint8),
-        flows=packed("flows", np.float16),
-        ignore=packed("ignore", bool),
+        image_bytes=buffers["image"],
+        label_bytes=buffers["labels"],
+        flows=buffers["flows"],
+        ignore=buffers["ignore"],
         layout=torch.from_numpy(layout),
         transform=torch.from_numpy(transform),
         bounds=torch.from_numpy(bounds),
@@ -611,6 +618,17 @@ def _collate_windows(
         image_itemsize=int(layout[:, 7].max()),
         label_itemsize=int(layout[:, 8].max()),
     )
+
+
+def _buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A 1-D tensor to fill, in shared memory inside a DataLoader worker (as torch's default_collate
+    allocates its output there), in ordinary memory otherwise."""
+    if numel == 0:  # no sample has this part (no ignore mask): one zero, so that indexing stays valid
+        return torch.zeros(1, dtype=dtype)
+    if get_worker_info() is None:
+        return torch.empty(numel, dtype=dtype)
+    base = torch.empty(0, dtype=dtype)
+    return base.new(base._typed_storage()._new_shared(numel, device=base.device))
 
 
 def _padding_batch(side: int = 16) -> Batch:
