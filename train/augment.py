@@ -38,6 +38,15 @@ Conventions
 
 Validation (``train=False``) only rescales to diameter 30 and takes the centre crop; it draws no
 random numbers and returns the same result for any generator.
+
+Window batches
+--------------
+The trainer's loader sends a ``train.data.WindowBatch`` instead: each sample's geometry (stage 2's
+scale, angle, flip and shift) already drawn on the CPU from the step's seed with the same laws,
+and only the source window the map reads, in the stored dtypes, with the percentile bounds of the
+whole sample. Stages 1 and 2 then run as one gather of the bilinear taps (``_warp_windows``,
+the same arithmetic); the generator draws everything else as above (its geometry draws are made
+and dropped, so the other draws keep their place), and the degradations use the loader's zoom.
 """
 
 from __future__ import annotations

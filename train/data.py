@@ -1,9 +1,14 @@
 """Shard loading for training and validation: stream the shardgen shards, decode, batch (CPU only).
 
-Everything here runs on the CPU and stops at decoding plus what bounds memory (a random crop to
-``max_side``) and what makes a batch rectangular (channel and spatial zero-padding). Every other
-transform (rescale, rotate, flip, intensity, degradations, normalisation) happens on the training
-device in ``train/augment.py``.
+Everything here runs on the CPU. Training batches (``build_train_loader(..., augment=cfg)``, what
+the trainer uses) move only what the step reads: the loader draws each sample's geometric
+augmentation (rescale to the target diameter, zoom, rotation, flip, crop position; the laws of
+``train/augment.py``) from the step's seed, cuts out the source window those parameters read plus
+the bilinear margin, and packs the windows in their stored dtypes without padding
+(:class:`WindowBatch`, with each sample's transform and percentile bounds). The device then does
+every resampling and intensity operation (``train/augment.py``). Validation batches (and training
+batches without ``augment``) are whole samples, cropped to ``max_side`` and zero-padded to the
+batch's largest (:class:`Batch`). Host memory is bounded in bytes: see :func:`loader_host_bytes`.
 
 Training stream (per rank)
 --------------------------
@@ -31,7 +36,8 @@ s) and the shards alone, whatever step the run started at:
   skipped, logged with its shard and key, counted in ``Batch.skipped``, and its slot refilled
   with a sample of the same group picked at random from a generator seeded by (seed, rank, v,
   j, slot), which never touches the streams.
-* The random crop of step ``s`` uses a generator seeded by (seed, rank, s).
+* The random ``max_side`` crop of step ``s`` uses a generator seeded by (seed, rank, s), its
+  geometry (WindowBatch) another seeded by (seed, rank, s).
 
 Shards of a group are split disjointly over the ``world_size * V`` (rank, virtual worker) slots
 when the group has at least that many shards; with fewer, every slot resamples all of them with
@@ -91,11 +97,12 @@ class DataConfig:
     num_workers: int = 6
     """DataLoader worker processes per rank; 0 decodes in the training process. Part of the
     stream's definition: changing it changes the batches (see the module docstring)."""
-    prefetch_factor: int = 4
-    """Batches each worker prepares ahead."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead (in shared memory; see loader_host_bytes)."""
     max_side: int = 1024
     """Samples larger than this in H or W are randomly cropped to at most max_side x max_side on
-    the CPU, to bound batch memory; the GPU crop to 256 comes later."""
+    the CPU before anything else (the augmentation then sees that crop as the image): bounds a
+    batch's bytes (see loader_host_bytes)."""
     shuffle_buffer: int = 128
     """At most this many raw (still compressed) samples in each group's shuffle buffer, per
     worker; a buffer starts yielding at a quarter full (of this or of its share of shuffle_bytes)."""
@@ -359,29 +366,29 @@ def steps_per_epoch(cfg: DataConfig, world_size: int) -> int:
     return max(1, math.ceil(samples / (cfg.batch_size * world_size)))
 
 
-# Bytes per pixel of a batch as the loader sends it: float16 images (3 channels), float16 flows
-# (2), int32 labels, bool ignore and valid masks.
-_BATCH_PIXEL_BYTES = 3 * 2 + 2 * 2 + 4 + 1 + 1
+# Largest bytes per pixel of a training batch's window: a 3-channel uint16 image, uint32 labels,
+# float16 flows (2) and an ignore mask.
+_WINDOW_PIXEL_BYTES = 3 * 2 + 4 + 2 * 2 + 1
 
 
 def loader_host_bytes(cfg: DataConfig) -> dict[str, int]:
     """Host memory one rank's training loader may hold at most, in bytes, workers included.
 
-    ``in_flight``: the batches the DataLoader keeps prefetched (``num_workers x prefetch_factor``,
-    in shared memory), each at its largest (every sample ``max_side`` x ``max_side``).
-    ``shuffle``: the shuffle buffers of all workers (``shuffle_bytes`` each). ``pinned``: the
-    batches in page-locked memory (the one the pin-memory thread fills and the one the step
-    copies from), when ``pin_memory``. ``total``: those plus the batch each worker is assembling.
-    A pure function of the config: the dry run and the loader's start-up log read the same numbers.
+    A batch is at most ``batch_size`` windows of ``max_side`` x ``max_side`` pixels at the
+    largest dtypes (15 bytes a pixel); typical windows are far smaller (docs/BENCHMARKS.md).
+    ``in_flight``: the DataLoader's outstanding batches, ``num_workers x prefetch_factor``, in
+    shared memory (a worker assembles its batch straight into it). ``shuffle``: the shuffle
+    buffers of all workers (``shuffle_bytes`` each). ``pinned``: two batches in page-locked memory
+    (the one the step copies from and the one being pinned), when ``pin_memory``. ``total``: their
+    sum. Not included: each worker's decoded samples of the batch it is assembling (their size,
+    whole images, is the data's) and the validation loader, whose workers run only while it does.
+    A pure function of the config: the dry run and the loader's start-up log print the same numbers.
     """
-    batch = cfg.batch_size * cfg.max_side**2 * _BATCH_PIXEL_BYTES
-    workers = max(cfg.num_workers, 1)
+    batch = cfg.batch_size * cfg.max_side**2 * _WINDOW_PIXEL_BYTES
     in_flight = cfg.num_workers * cfg.prefetch_factor * batch if cfg.num_workers else batch
-    shuffle = workers * cfg.shuffle_bytes
+    shuffle = max(cfg.num_workers, 1) * cfg.shuffle_bytes
     pinned = 2 * batch if cfg.pin_memory else 0
-    assembling = workers * batch
-    return dict(in_flight=in_flight, shuffle=shuffle, pinned=pinned,
-                total=in_flight + shuffle + pinned + assembling)
+    return dict(in_flight=in_flight, shuffle=shuffle, pinned=pinned, total=in_flight + shuffle + pinned)
 
 
 def _slot_shards(

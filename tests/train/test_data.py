@@ -490,7 +490,9 @@ def test_loader_host_bytes_counts_what_the_config_allows(tmp_path):
     host = loader_host_bytes(cfg)
     assert set(host) >= {"in_flight", "shuffle", "pinned", "total"}
     assert host["shuffle"] == 2 * 1000
-    assert host["total"] >= host["in_flight"] + host["shuffle"] + host["pinned"]
+    assert host["total"] == host["in_flight"] + host["shuffle"] + host["pinned"]
+    # A window pixel is at most 15 bytes: 3 x uint16 image, uint32 labels, 2 x float16 flows, bool ignore.
+    assert host["in_flight"] == 2 * 3 * 4 * 64 * 64 * 15
     bigger = loader_host_bytes(dataclasses.replace(cfg, prefetch_factor=6))
     assert bigger["in_flight"] == 2 * host["in_flight"]
     assert loader_host_bytes(dataclasses.replace(cfg, pin_memory=False))["pinned"] == 0
