@@ -269,7 +269,8 @@ class Trainer:
         self._install_signal_handlers()
         total = self.total_steps
         # The loader counts micro-batches, so a resumed stream starts at step x accumulation.
-        loader = iter(build_train_loader(cfg.data, self.rank, self.world, start_step=self.step * self.accumulation))
+        loader = iter(build_train_loader(cfg.data, self.rank, self.world, start_step=self.step * self.accumulation,
+                                          augment=cfg.augment))  # windows: the loader draws the geometry
         if cfg.loop.val_every and self.step == 0:
             self._log({"val_loss": self.validate()}, prefix="")  # the starting point of the curve
         progress = tqdm(total=total, initial=self.step, desc="train", unit="step", disable=self.rank != 0)
