@@ -14,6 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.io import write_image
+from pipeline.shards import iter_samples, read_manifest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -75,3 +78,15 @@ def benchmark(shards: Path, checkpoint: Path, out: Path, extra: tuple[str, ...] 
          "--out", str(out), *extra], out.parent / f"{out.name}.log")
     table = json.loads((out / "benchmark.json").read_text())
     return table, list(csv.DictReader((out / "images.csv").open()))
+
+
+def export_images(shards: Path, split: str, folder: Path, name: str = "key") -> Path:
+    """The images of a shard root's ``split`` as TIFFs ``<folder>/<row[name]>.tif`` (``name`` a
+    manifest column: key, or source where sources are plain file names), for ``python -m infer``;
+    returns ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for row, sample in iter_samples(shards, read_manifest(shards, splits=[split])):
+        if isinstance(sample, ValueError):
+            sys.exit(f"{split} sample unreadable: {sample}")
+        write_image(folder / f"{row[name]}.tif", sample[0])
+    return folder

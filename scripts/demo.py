@@ -38,10 +38,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from chain import benchmark, curves, infer, train  # noqa: E402
+from chain import benchmark, curves, export_images, infer, train  # noqa: E402
 from figure import render_figure  # noqa: E402
-from pipeline.io import read_image, write_image  # noqa: E402
-from pipeline.shards import iter_samples, read_manifest  # noqa: E402
+from pipeline.io import read_image  # noqa: E402
 from pipeline.synthetic import KINDS  # noqa: E402
 from shardgen.build import BuildConfig, build_dataset  # noqa: E402
 from shardgen.verify import verify  # noqa: E402
@@ -63,17 +62,6 @@ def make_shards(out: Path, n_train: int, n_test: int, kinds: list[str], workers:
     print(f"shards: {summary['written']} samples ({summary['cells']} cells), {summary['rejected']} rejected, "
           f"verified -> {shards} ({time.time() - start:.0f} s)")
     return shards
-
-
-def export_test_images(shards: Path, out: Path) -> Path:
-    """The test split's images as TIFFs (named by key), for ``python -m infer``'s overlays."""
-    images = out / "test" / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    for row, sample in iter_samples(shards, read_manifest(shards, splits=["test"], datasets=["synthetic"])):
-        if isinstance(sample, ValueError):
-            raise SystemExit(f"test sample unreadable: {sample}")
-        write_image(images / f"{row['key']}.tif", sample[0])
-    return images
 
 
 def kind_of(row: dict) -> str:
@@ -147,7 +135,7 @@ def main(argv=None) -> int:
     # The table from the shards' test split (as trained: at the images' own scale), then the
     # masks and overlays of the same images as files.
     _, rows = benchmark(shards, checkpoint, out / "benchmark", ("--diameter", "none"))
-    infer(export_test_images(shards, out), checkpoint, out)
+    infer(export_images(shards, "test", out / "test" / "images"), checkpoint, out)
     summary = summarise(rows)
     with (out / "summary.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["kind", *next(iter(summary.values()))])
