@@ -67,6 +67,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 from infer.cli import _configure_logging, _init_distributed, _resolve_device  # noqa: E402
 from infer.evaluate import DEFAULT_THRESHOLDS, mean_row, score_masks  # noqa: E402
 from infer.predict import AUTO, PredictConfig, _stream, load_model, predict_stream  # noqa: E402
+from pipeline.metrics import remove_ignored_masks  # noqa: E402
 from pipeline.shards import iter_samples, read_manifest  # noqa: E402
 
 __all__ = ["PAPER_ERROR50", "BenchmarkConfig", "format_table", "main", "run", "score_sample", "summarise"]
@@ -87,8 +88,6 @@ IMAGE_COLUMNS = (
     "n_true", "n_pred", "ap@0.5", "ap@0.75", "ap@0.9", "tp@0.5", "fp@0.5", "fn@0.5", "error_rate@0.5",
     "error",
 )
-# A predicted mask with more than this fraction of its pixels in a don't-care region is removed.
-_IGNORED_FRACTION = 0.5
 # Samples decoded ahead of the network: enough to fill a batch of small images.
 _READ_AHEAD = 4
 
@@ -143,14 +142,9 @@ class _Item:
 
 def score_sample(labels: np.ndarray, masks: np.ndarray, ignore: np.ndarray | None = None) -> dict:
     """``infer.evaluate.score_masks`` of one sample, after removing the predicted masks that lie
-    mostly (> 1/2 of their pixels) in its don't-care region ``ignore`` (H, W) bool."""
-    if ignore is not None and ignore.any():
-        masks = masks.copy()
-        areas = np.bincount(masks.ravel())
-        ignored = np.bincount(masks[ignore].ravel(), minlength=areas.size)
-        dropped = np.flatnonzero(ignored > _IGNORED_FRACTION * areas)
-        masks[np.isin(masks, dropped[dropped > 0])] = 0
-    return score_masks(labels, masks, DEFAULT_THRESHOLDS)
+    mostly (> 1/2 of their pixels) in its don't-care region ``ignore`` (H, W) bool
+    (``pipeline.metrics.remove_ignored_masks``)."""
+    return score_masks(labels, remove_ignored_masks(masks, ignore), DEFAULT_THRESHOLDS)
 
 
 def _image_row(item: _Item, result) -> dict:
