@@ -32,6 +32,7 @@ from train.augment import augment
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig
 from train.data import build_train_loader, build_val_loader, steps_per_epoch
+from train.evaluation import evaluate_ap
 from train.optim import build_optimizer, learning_rate, set_learning_rate
 from train.parallelize import parallelize
 
@@ -196,6 +197,8 @@ class Trainer:
                 self.checkpointer.save(self.step)
             if cfg.loop.val_every and self.step % cfg.loop.val_every == 0:
                 self._log({"val_loss": self.validate()}, prefix="")
+            if cfg.loop.eval_every and self.step % cfg.loop.eval_every == 0:
+                self._log(evaluate_ap(self.model, cfg, self.device), prefix="eval/")  # AP per dataset
             if self.step % cfg.loop.log_every == 0 or self.step == total:
                 elapsed = time.perf_counter() - window_start
                 self._log_step(parts, window_losses, window_steps, elapsed, window_skipped)
