@@ -13,16 +13,13 @@ first left out), their ratio, and the fraction of the run the evaluations take a
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from benchmarks.bench_train import REPO, make_shards, python_path
+from benchmarks.bench_train import REPO, make_shards, run_trainer
 from benchmarks.common import cpu_description
 from train.config import load_config
 
@@ -43,12 +40,7 @@ def main() -> None:
         overrides = [f"data.root={shards}", f"run_dir={run_dir}", f"loop.max_steps={args.steps}",
                      "loop.log_every=1", "loop.val_every=0", f"loop.eval_every={args.eval_every}",
                      "checkpoint.every=100000", *args.overrides]
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                   str(REPO / "train" / "main.py"), "--config", str(args.config), *overrides]
-        result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=python_path()))
-        if result.returncode != 0:
-            sys.exit(f"training failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        records = run_trainer(args.config, args.nproc, overrides, run_dir)
 
     cfg = load_config(args.config, overrides)
     evaluations = [r for r in records if "ap50/all" in r]

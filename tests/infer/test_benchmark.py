@@ -28,7 +28,7 @@ from infer.evaluate import evaluate, mean_row, score_masks
 from infer.predict import PredictConfig, predict
 from pipeline.io import write_labels
 from pipeline.model import ModelConfig, build_model, to_cellpose
-from pipeline.shards import iter_samples, read_manifest
+from pipeline.shards import iter_samples
 from shardgen.base import DatasetInfo, Item, Loaded
 from shardgen.build import BuildConfig, build_dataset, finalize
 
