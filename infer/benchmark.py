@@ -253,20 +253,25 @@ def _read_ahead(items: Iterable, depth: int = _READ_AHEAD) -> Iterator:
     stop = threading.Event()
     done = object()
 
+    def offer(item) -> bool:
+        """Put ``item`` unless the consumer has stopped (then False)."""
+        while not stop.is_set():
+            try:
+                results.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def producer() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        results.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(item):
                     return
         except BaseException as error:  # noqa: BLE001 -- re-raised in the consumer
-            results.put(error)
-        results.put(done)
+            offer(error)
+            return
+        offer(done)
 
     thread = threading.Thread(target=producer, name="read-ahead", daemon=True)
     thread.start()

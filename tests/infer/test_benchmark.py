@@ -305,3 +305,18 @@ def test_command_line_usage_errors_exit_2(root, checkpoint, tmp_path, caplog, ca
             benchmark.main(["--shards", str(root), "--checkpoint", str(checkpoint), *bad])
         assert stopped.value.code == 2
     assert "invalid choice: '17'" in capsys.readouterr().err
+
+
+def test_read_ahead_passes_items_on_raises_the_readers_error_and_stops_early():
+    assert list(benchmark._read_ahead(iter(range(10)), depth=2)) == list(range(10))
+
+    def failing():
+        yield 1
+        raise ValueError("shard unreadable")
+
+    with pytest.raises(ValueError, match="shard unreadable"):
+        list(benchmark._read_ahead(failing()))
+    # A consumer that stops after one item does not leave the reader blocked on a full queue.
+    stream = benchmark._read_ahead(iter(range(100)), depth=1)
+    assert next(stream) == 0
+    stream.close()
