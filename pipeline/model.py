@@ -80,6 +80,7 @@ __all__ = [
     "from_cellpose",
     "to_cellpose",
     "flops_per_image",
+    "forward_flops_parts",
 ]
 
 # SAM's native geometry. The encoder is built at this geometry first so that the relative-position
@@ -244,7 +245,11 @@ def sincos_pos_embed(rows: int, cols: int, dim: int, temperature: float = 10000.
 
 
 def sample_layer_drop(
-    batch_size: int, depth: int, layer_drop: float, generator: torch.Generator | None = None
+    batch_size: int,
+    depth: int,
+    layer_drop: float,
+    generator: torch.Generator | None = None,
+    count_generator: torch.Generator | None = None,
 ) -> Tensor:
     """Draw which samples skip which blocks.
 
@@ -257,6 +262,14 @@ def sample_layer_drop(
         ``layer_drop * i / (depth - 1)`` (``torch.linspace(0, layer_drop, depth)``).
     generator : torch.Generator, optional
         A CPU generator; None draws from torch's default CPU generator (``torch.manual_seed``).
+    count_generator : torch.Generator, optional
+        A CPU generator in the same state on every rank of a data-parallel run. With it, the
+        *number* of samples that drop each block is drawn from this generator (Binomial(batch,
+        p_i), the same on every rank), and *which* samples drop it from ``generator`` (a uniformly
+        random subset, per rank). Each sample still drops block ``i`` with probability ``p_i``,
+        independently across blocks; but every rank runs each block on the same number of samples,
+        so none waits at FSDP's per-block collectives for a rank that happened to keep more (a
+        straggler costs every rank the slowest one's time). None: every sample draws on its own.
 
     Returns
     -------
@@ -265,23 +278,33 @@ def sample_layer_drop(
 
     Notes
     -----
-    The draw is ``torch.rand((batch_size, depth)) < torch.linspace(0, layer_drop, depth)``,
-    Cellpose's own, so with the same CPU RNG state the masks equal Cellpose's on CPU tensors.
-    It is made on the CPU so the host knows which samples run each block without waiting for
-    the device.
+    Without ``count_generator`` the draw is ``torch.rand((batch_size, depth)) < torch.linspace(0,
+    layer_drop, depth)``, Cellpose's own, so with the same CPU RNG state the masks equal
+    Cellpose's on CPU tensors. It is made on the CPU so the host knows which samples run each
+    block without waiting for the device.
 
     >>> drop = sample_layer_drop(4, 3, 0.5, torch.Generator().manual_seed(0))
     >>> drop.shape, drop.dtype, bool(drop[:, 0].any())
     (torch.Size([4, 3]), torch.bool, False)
+    >>> a = sample_layer_drop(8, 3, 0.5, torch.Generator().manual_seed(1), torch.Generator().manual_seed(9))
+    >>> b = sample_layer_drop(8, 3, 0.5, torch.Generator().manual_seed(2), torch.Generator().manual_seed(9))
+    >>> torch.equal(a.sum(0), b.sum(0))  # two ranks: the same counts per block
+    True
     """
-    if generator is not None and generator.device.type != "cpu":
-        raise ValueError(
-            f"layer-drop masks are drawn on the CPU (so no device sync is needed to know which "
-            f"samples run each block); got a generator on {generator.device}. Pass a CPU "
-            f"torch.Generator."
-        )
+    for name, gen in (("generator", generator), ("count_generator", count_generator)):
+        if gen is not None and gen.device.type != "cpu":
+            raise ValueError(
+                f"layer-drop masks are drawn on the CPU (so no device sync is needed to know which "
+                f"samples run each block); got a {name} on {gen.device}. Pass a CPU torch.Generator."
+            )
     drop_probability = torch.linspace(0.0, layer_drop, depth)
-    return torch.rand((batch_size, depth), generator=generator) < drop_probability
+    if count_generator is None:
+        return torch.rand((batch_size, depth), generator=generator) < drop_probability
+    dropped = (torch.rand((batch_size, depth), generator=count_generator) < drop_probability).sum(dim=0)
+    # Each sample's rank within each block's column of a random permutation: the samples of rank
+    # below the block's count drop it, a uniformly random subset of that size.
+    rank = torch.rand((batch_size, depth), generator=generator).argsort(dim=0).argsort(dim=0)
+    return rank < dropped
 
 
 class RelPosAttention(Attention):
@@ -509,7 +532,7 @@ class CPSAM(nn.Module):
         self.diam_labels.fill_(DIAMETER_MEAN)
         self.diam_mean.fill_(DIAMETER_MEAN)
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def forward(self, x: Tensor, generator: torch.Generator | None = None, drop: Tensor | None = None) -> Tensor:
         """Flows and cell probability for a batch of tiles.
 
         Parameters
@@ -519,6 +542,10 @@ class CPSAM(nn.Module):
         generator : torch.Generator, optional
             CPU generator for the layer-drop masks (training mode only; ignored in eval).
             None draws from torch's default CPU generator. See :func:`sample_layer_drop`.
+        drop : (B, depth) bool CPU Tensor, optional
+            The layer-drop masks, drawn by the caller (the trainer draws them with
+            :func:`sample_layer_drop`'s shared counts and knows what each step computes);
+            training mode only, and then ``generator`` is not used.
 
         Returns
         -------
@@ -533,7 +560,7 @@ class CPSAM(nn.Module):
         # its weights via .data, which cuts them out of autograd; the paper-era vit_sam code
         # called patch_embed as here.)
         tokens = self.encoder.patch_embed(x) + self.encoder.pos_embed  # (B, h, w, D)
-        tokens = self._run_blocks(tokens, generator)
+        tokens = self._run_blocks(tokens, generator, drop)
         features = self.encoder.neck(tokens.permute(0, 3, 1, 2))  # (B, neck_dim, h, w)
         # (B, 3 * p * p, h, w) -> (B, 3, h * p, w * p): channel c * p * p + a * p + b goes to
         # channel c, pixel (p * i + a, p * j + b), which is Cellpose's conv_transpose2d with W2.
@@ -556,7 +583,7 @@ class CPSAM(nn.Module):
             )
         return batch, channels, height, width
 
-    def _run_blocks(self, tokens: Tensor, generator: torch.Generator | None) -> Tensor:
+    def _run_blocks(self, tokens: Tensor, generator: torch.Generator | None, drop: Tensor | None) -> Tensor:
         """The transformer blocks, with per-sample layer drop in training mode."""
         blocks = self.encoder.blocks
         if not (self.training and self.cfg.layer_drop > 0):
@@ -565,7 +592,13 @@ class CPSAM(nn.Module):
             return tokens
 
         batch = tokens.shape[0]
-        drop = sample_layer_drop(batch, len(blocks), self.cfg.layer_drop, generator)
+        if drop is None:
+            drop = sample_layer_drop(batch, len(blocks), self.cfg.layer_drop, generator)
+        elif drop.shape != (batch, len(blocks)) or drop.dtype != torch.bool or drop.device.type != "cpu":
+            raise ValueError(
+                f"drop must be a ({batch}, {len(blocks)}) bool tensor on the CPU (one row per sample, "
+                f"one column per block); got {drop.dtype} {tuple(drop.shape)} on {drop.device}"
+            )
         kept = [torch.nonzero(~drop[:, i]).flatten() for i in range(len(blocks))]
         counts = [len(k) for k in kept]
         # One host-to-device copy per forward for all blocks' indices. The counts stay on the
@@ -964,6 +997,23 @@ def flops_per_image(cfg: ModelConfig, *, skip_dropped: bool = False) -> float:
     >>> round(flops_per_image(ModelConfig()) / 1e9, 1)  # vit_l at 256x256
     727.0
     """
+    outside, per_block = forward_flops_parts(cfg)
+    depth = ENCODERS[cfg.encoder].depth
+    if skip_dropped and cfg.layer_drop > 0:
+        drop_probability = torch.linspace(0.0, cfg.layer_drop, depth, dtype=torch.float64)
+        blocks = float((1 - drop_probability).sum())
+    else:
+        blocks = depth
+    return float(outside + blocks * per_block)
+
+
+def forward_flops_parts(cfg: ModelConfig) -> tuple[float, float]:
+    """(FLOPs outside the blocks, FLOPs of one block), per image forward; see :func:`flops_per_image`.
+
+    A training forward of a batch costs ``B * outside + sum_i kept_i * per_block``, where
+    ``kept_i`` is how many samples run block ``i`` (layer drop skips the others); the trainer
+    counts its MFU from that.
+    """
     spec = ENCODERS[cfg.encoder]
     width, neck, patch = spec.embed_dim, spec.neck_dim, cfg.patch_size
     side = cfg.image_size // patch
@@ -975,12 +1025,7 @@ def flops_per_image(cfg: ModelConfig, *, skip_dropped: bool = False) -> float:
         + 2 * tokens * width * width  # output projection
         + 2 * 2 * tokens * width * MLP_RATIO * width  # MLP up and down
     )
-    if skip_dropped and cfg.layer_drop > 0:
-        drop_probability = torch.linspace(0.0, cfg.layer_drop, spec.depth, dtype=torch.float64)
-        blocks = float((1 - drop_probability).sum())
-    else:
-        blocks = spec.depth
     patch_embed = 2 * tokens * width * 3 * patch**2
     neck_flops = 2 * tokens * width * neck + 2 * tokens * neck * neck * 9
     readout = 2 * tokens * neck * NUM_OUTPUTS * patch**2
-    return float(patch_embed + blocks * per_block + neck_flops + readout)
+    return float(patch_embed + neck_flops + readout), float(per_block)

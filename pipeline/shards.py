@@ -178,6 +178,90 @@ def encode_sample(
     return sample
 
 
+# What a sample's arrays may be (the writer produces exactly these; readers accept nothing else).
+IMAGE_DTYPES = (np.uint8, np.uint16)
+LABEL_DTYPES = (np.uint16, np.uint32)
+FLOW_DTYPE = np.float16
+MAX_CHANNELS = 3
+# Flows are stored as float16: a unit vector's length comes back within ~1e-3 of 1.
+_UNIT_TOLERANCE = 1e-2
+# At most this fraction of an image's object pixels may have zero flow (object centres,
+# one-pixel objects); more means the flows were not computed from these labels.
+_MAX_ZERO_FRACTION = 0.05
+
+
+def image_problem(image: np.ndarray) -> str | None:
+    """Why ``image`` cannot be a sample's image (None when it can): (H, W, 1..3) uint8/uint16, H, W > 0."""
+    if image.ndim != 3 or not 1 <= image.shape[2] <= MAX_CHANNELS:
+        return f"image must be (H, W, C) with 1 to {MAX_CHANNELS} channels; got shape {image.shape}"
+    if image.dtype not in IMAGE_DTYPES:
+        return f"image must be uint8 or uint16; got {image.dtype}"
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        return f"empty image {image.shape}"
+    return None
+
+
+def sample_problems(
+    image: np.ndarray,
+    labels: np.ndarray,
+    flows: np.ndarray,
+    meta: SampleMeta,
+    ignore: np.ndarray | None,
+    *,
+    key: str | None = None,
+    content: bool = False,
+) -> list[str]:
+    """Everything that makes a decoded sample invalid; an empty list means it is sound.
+
+    The structural checks (dtypes, shapes, agreement with the json, tar key, a positive
+    diameter) are cheap and run everywhere a sample is read: the builder before writing,
+    ``shardgen verify`` and the training loader. ``content=True`` adds what needs a pass over
+    the pixels (labels are 1..n_cells; flows are unit length inside objects, or 0 where the heat
+    gradient vanishes, and 0 outside), which ``shardgen verify`` runs.
+    """
+    problems = []
+    problem = image_problem(image)
+    if problem:
+        problems.append(problem)
+    h, w, c = meta.height, meta.width, meta.channels
+    if image.shape != (h, w, c):
+        problems.append(f"json says {(h, w, c)} but the image is {image.shape}")
+    if key is not None and meta.key != key:
+        problems.append(f"json key {meta.key!r} differs from the tar key {key!r}")
+    if not (math.isfinite(meta.diameter) and meta.diameter > 0):
+        problems.append(f"diameter must be positive; got {meta.diameter}")
+    if ignore is not None and ignore.shape != (h, w):
+        problems.append(f"ignore mask is {ignore.shape}, expected {(h, w)}")
+    if labels.shape != (h, w) or labels.dtype not in LABEL_DTYPES:
+        problems.append(f"labels are {labels.dtype} {labels.shape}, expected uint16/uint32 {(h, w)}")
+        return problems
+    if flows.shape != (2, h, w) or flows.dtype != FLOW_DTYPE:
+        problems.append(f"flows are {flows.dtype} {flows.shape}, expected float16 {(2, h, w)}")
+        return problems
+    if content:
+        problems += _content_problems(labels, flows, meta.n_cells)
+    return problems
+
+
+def _content_problems(labels: np.ndarray, flows: np.ndarray, n_cells: int) -> list[str]:
+    problems = []
+    ids = np.unique(labels)
+    ids = ids[ids > 0]
+    if not np.array_equal(ids, np.arange(1, n_cells + 1)):
+        problems.append(f"label ids are not 1..{n_cells} ({len(ids)} distinct ids)")
+    inside = labels > 0
+    if np.abs(flows[:, ~inside]).max(initial=0) != 0:
+        problems.append("flows are not 0 outside objects")
+    norm = np.sqrt((flows[:, inside].astype(np.float32) ** 2).sum(axis=0))
+    if not np.isfinite(norm).all():
+        problems.append("flows hold non-finite values")
+    elif np.any((np.abs(norm - 1) > _UNIT_TOLERANCE) & (norm != 0)):
+        problems.append(f"flows inside objects are not unit length (lengths {norm.min():.3f}..{norm.max():.3f})")
+    elif norm.size and np.mean(norm == 0) > _MAX_ZERO_FRACTION:
+        problems.append(f"{np.mean(norm == 0):.1%} of object pixels have zero flow")
+    return problems
+
+
 def decode_sample(sample: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, SampleMeta, np.ndarray | None]:
     """(image, labels, flows, meta, ignore) from a raw WebDataset sample dict of bytes.
 
@@ -236,9 +320,10 @@ def iter_samples(root: str | Path, rows: Iterable[dict]) -> Iterator[tuple[dict,
 
     Each shard named by ``rows`` is read once, front to back, in the order the rows first name
     it, and its samples come out in the order they lie in the tar (the members of other samples
-    are skipped unread). A sample that is missing from its shard, does not decode, or whose json
-    names another key comes as a ValueError naming the shard and the key in its place, after
-    the shard's other samples; so does every sample of a missing or damaged shard.
+    are skipped unread). A sample that is missing from its shard, does not decode, or fails the
+    structural checks of :func:`sample_problems` comes as a ValueError naming the shard and the
+    key in its place, after the shard's other samples; so does every sample of a missing or
+    damaged shard.
     """
     root = Path(root)
     by_shard: dict[str, dict[str, dict]] = {}
@@ -264,8 +349,9 @@ def _shard_samples(path: Path, wanted: dict[str, dict]) -> Iterator[tuple[dict, 
                 continue  # a second copy of a key already read
             try:
                 sample = decode_sample(raw)
-                if sample[3].key != row["key"]:
-                    raise ValueError(f"its json names key {sample[3].key!r}")
+                problems = sample_problems(*sample, key=row["key"])  # the structural checks
+                if problems:
+                    raise ValueError("; ".join(problems))
             except ValueError as error:
                 yield row, ValueError(f"{path}: sample {row['key']!r}: {error}")
                 continue

@@ -43,6 +43,8 @@ from pipeline.shards import (
     SampleMeta,
     cellpose_diameter,
     encode_sample,
+    image_problem,
+    sample_problems,
 )
 from shardgen.base import Item, ItemError
 from shardgen.datasets import get_converter
@@ -95,10 +97,11 @@ class _Rejected:
     reason: str
 
 
-def make_sample(name: str, root: str, item: Item, key: str) -> _Done | _Rejected:
-    """Load, check and encode one item; every failure becomes a reject with its reason."""
+def make_sample(name: str, root: str, item: Item, key: str, converter: str | None = None) -> _Done | _Rejected:
+    """Load, check and encode one item of dataset ``name`` (read by converter ``converter``, by
+    default the one of that name); every failure becomes a reject with its reason."""
     try:
-        converter = get_converter(name)
+        converter = get_converter(converter or name)
         loaded = converter.load(Path(root), item)
         image, labels, ignore = _check_arrays(loaded.image, loaded.labels, loaded.ignore)
         if labels.max() == 0:
@@ -121,6 +124,9 @@ def make_sample(name: str, root: str, item: Item, key: str) -> _Done | _Rejected
             modality=loaded.modality or converter.INFO.modality,
             channel_names=channel_names,
         )
+        problems = sample_problems(image, labels, flows.astype(np.float16), meta, ignore)
+        if problems:  # the checks every reader of the shards applies: never write what they would skip
+            raise ItemError("; ".join(problems))
         sample = encode_sample(image, labels, flows, meta, ignore)
         nbytes = sum(len(v) for k, v in sample.items() if k != "__key__")
         return _Done(sample, meta.manifest_row(shard=""), nbytes)
@@ -134,16 +140,13 @@ def _check_arrays(image, labels, ignore):
     """Validate a converter's output and renumber the labels 1..N (uint16, or uint32 past 65535)."""
     image = np.asarray(image)
     labels = np.asarray(labels)
-    if image.ndim != 3 or not 1 <= image.shape[2] <= 3:
-        raise ItemError(f"image must be (H, W, C) with 1 to 3 channels; got shape {image.shape}")
-    if image.dtype not in (np.uint8, np.uint16):
-        raise ItemError(f"image must be uint8 or uint16; got {image.dtype}")
+    problem = image_problem(image)
+    if problem:
+        raise ItemError(problem)
     if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
         raise ItemError(f"labels must be a 2-D integer image; got {labels.dtype} {labels.shape}")
     if labels.shape != image.shape[:2]:
         raise ItemError(f"image/label size mismatch: image {image.shape[:2]}, labels {labels.shape}")
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise ItemError(f"empty image {image.shape}")
     if labels.size and labels.min() < 0:
         raise ItemError(f"labels hold negative ids (min {labels.min()})")
     # Renumber 1..N keeping the source's id order (object k is the k-th smallest source id).
@@ -316,7 +319,8 @@ def _finished_sidecars(folder: Path, prefix: str, fingerprint: str) -> list[dict
         done.append(sidecar)
 
 
-def _write_group(name: str, root: Path, out: Path, items: list[Item], config: BuildConfig, pool) -> None:
+def _write_group(name: str, root: Path, out: Path, items: list[Item], config: BuildConfig, pool,
+                 converter: str | None = None) -> None:
     subset, split = items[0].subset, items[0].split
     prefix = _group_prefix(name, subset, split)
     fingerprint = _fingerprint(items)
@@ -326,7 +330,7 @@ def _write_group(name: str, root: Path, out: Path, items: list[Item], config: Bu
         log.info("%s: all %d items already converted", prefix, len(items))
         return
     writer = _GroupWriter(out, name, prefix, fingerprint, config, shard_index=len(done), first_item=start)
-    tasks = ((name, str(root), items[i], f"{prefix}-{i:07d}") for i in range(start, len(items)))
+    tasks = ((name, str(root), items[i], f"{prefix}-{i:07d}", converter) for i in range(start, len(items)))
     progress = tqdm(total=len(items), initial=start, desc=prefix, unit="img", leave=False)
     try:
         for offset, result in enumerate(_ordered_map(make_sample, tasks, pool)):
@@ -360,20 +364,23 @@ def build_dataset(
     config: BuildConfig | None = None,
     finalize_root: bool = True,
     weights_file: str | Path | None = None,
+    dataset: str | None = None,
 ) -> dict:
     """Convert one dataset folder into shards under ``out/<name>/``; returns its summary row.
 
     ``splits`` defaults to every split the converter publishes. ``finalize_root`` rebuilds the
     manifest, rejects and weights files of ``out`` afterwards (turn it off when converting
-    several datasets in a row and call :func:`finalize` once).
+    several datasets in a row and call :func:`finalize` once). ``dataset`` writes the samples
+    under that name instead of the converter's (the synthetic stand-ins of ``--like paper``).
     """
     config = config or BuildConfig(workers=workers, limit=limit)
     converter = get_converter(name)
+    reader, name = name, dataset or name
     root, out = Path(src), Path(out)
     wanted = tuple(splits) if splits else converter.INFO.splits
     unknown = set(wanted) - set(converter.INFO.splits)
     if unknown:
-        raise ValueError(f"{name} publishes splits {converter.INFO.splits}; unknown: {sorted(unknown)}")
+        raise ValueError(f"{reader} publishes splits {converter.INFO.splits}; unknown: {sorted(unknown)}")
     with _worker_pool(config.workers) as pool:
         for split in wanted:
             items = converter.find_items(root, split)
@@ -383,7 +390,7 @@ def build_dataset(
             for item in items:
                 groups.setdefault(item.subset, []).append(item)
             for group in groups.values():
-                _write_group(name, root, out, group, config, pool)
+                _write_group(name, root, out, group, config, pool, converter=reader if reader != name else None)
     if finalize_root:
         finalize(out, weights_file)
     return summarize(out, [name])[0]

@@ -11,19 +11,11 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import webdataset as wds
 from tqdm import tqdm
 
-from pipeline.shards import MANIFEST_FILE, REJECTS_FILE, WEIGHTS_FILE, decode_sample
-
-# Flows are stored as float16: a unit vector's length comes back within ~1e-3 of 1.
-_UNIT_TOLERANCE = 1e-2
-# At most this fraction of an image's object pixels may have zero flow (object centres,
-# one-pixel objects); more means the flows were not computed from these labels.
-_MAX_ZERO_FRACTION = 0.05
-
+from pipeline.shards import MANIFEST_FILE, REJECTS_FILE, WEIGHTS_FILE, decode_sample, sample_problems
 
 def verify(root: str | Path) -> list[str]:
     """All problems found under ``root``; an empty list means the shards are sound."""
@@ -83,29 +75,4 @@ def _check_sample(raw: dict, row: dict) -> list[str]:
     for field in ("dataset", "subset", "split", "source", "height", "width", "channels", "n_cells", "modality"):
         if getattr(meta, field) != row[field]:
             problems.append(f"json {field}={getattr(meta, field)!r} but manifest has {row[field]!r}")
-    h, w, c = meta.height, meta.width, meta.channels
-    if image.shape != (h, w, c) or image.dtype not in (np.uint8, np.uint16):
-        problems.append(f"image is {image.dtype} {image.shape}, expected uint8/uint16 {(h, w, c)}")
-    if labels.shape != (h, w) or labels.dtype not in (np.uint16, np.uint32):
-        problems.append(f"labels are {labels.dtype} {labels.shape}, expected uint16/uint32 {(h, w)}")
-        return problems
-    ids = np.unique(labels)
-    ids = ids[ids > 0]
-    if not np.array_equal(ids, np.arange(1, meta.n_cells + 1)):
-        problems.append(f"label ids are not 1..{meta.n_cells} ({len(ids)} distinct ids)")
-    if flows.shape != (2, h, w) or flows.dtype != np.float16:
-        problems.append(f"flows are {flows.dtype} {flows.shape}, expected float16 {(2, h, w)}")
-        return problems
-    inside = labels > 0
-    if np.abs(flows[:, ~inside]).max(initial=0) != 0:
-        problems.append("flows are not 0 outside objects")
-    norm = np.sqrt((flows[:, inside].astype(np.float32) ** 2).sum(axis=0))
-    if not np.isfinite(norm).all():
-        problems.append("flows hold non-finite values")
-    elif np.any((np.abs(norm - 1) > _UNIT_TOLERANCE) & (norm != 0)):
-        problems.append(f"flows inside objects are not unit length (lengths {norm.min():.3f}..{norm.max():.3f})")
-    elif norm.size and np.mean(norm == 0) > _MAX_ZERO_FRACTION:
-        problems.append(f"{np.mean(norm == 0):.1%} of object pixels have zero flow")
-    if ignore is not None and ignore.shape != (h, w):
-        problems.append(f"ignore mask is {ignore.shape}, expected {(h, w)}")
-    return problems
+    return problems + sample_problems(image, labels, flows, meta, ignore, key=raw["__key__"], content=True)

@@ -220,7 +220,8 @@ class _DegradeParams:
     sigma: torch.Tensor  # (B, 2) float32 blur sigma (y, x) in pixels; 0 = no blur
     factor: torch.Tensor  # (B, 2) int64 downsampling factor (y, x); 1 = none
     photons: torch.Tensor  # (B,) float32 Poisson photon scale; 0 = no noise
-    noise_seed: torch.Tensor  # () int64 seed of the Poisson draws' own generator
+    index: torch.Tensor  # (D,) int64 on the CPU: the samples drawn for a degradation
+    index_device: torch.Tensor  # the same on the device
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,7 +255,7 @@ def augment(
     )
     if train:
         images, nonempty = _mix_channels(images, nonempty, channel, cfg)
-        images = _degrade(images, degrade)
+        images = _degrade(images, degrade, generator)
     images, nonempty = _normalize_percentile(images, None, cfg.percentiles, cfg.percentile_max_pixels)
     if train:
         jittered = channel.contrast[:, :, None, None] * images + channel.brightness[:, :, None, None]
@@ -361,7 +362,10 @@ def _draw_params(
     )
 
     # Degradations (Cellpose3's denoise.add_noise), sigmas relative to the object diameter in the crop.
-    degrade = uniform() < cfg.degrade_prob
+    # Which samples are degraded is drawn on the host (see _host_generator), so that only those go
+    # through the degradation's matmuls and noise without the host asking the device which.
+    degrade_cpu, index = _draw_degraded(b, cfg.degrade_prob, generator)
+    degrade = _to_device(degrade_cpu, device)
     anisotropic = uniform() < cfg.anisotropic_prob
     downsample = degrade & (uniform() < cfg.downsample_prob)
     factor = 2 + (uniform() * (cfg.downsample_max - 1)).long().clamp(max=cfg.downsample_max - 2)
@@ -386,10 +390,27 @@ def _draw_params(
         min=cfg.poisson_min_scale
     )
     photons = photons * (degrade & (uniform() < cfg.poisson_prob))
-    # The Poisson draws take as many numbers as there are noisy samples; from a generator of
-    # their own, they leave this stream (and the layer drop that continues it) fixed.
-    noise_seed = torch.randint(0, 2**62, (), generator=generator, device=device)
-    return affine, channel, _DegradeParams(sigma=sigma, factor=factors, photons=photons, noise_seed=noise_seed)
+    return affine, channel, _DegradeParams(sigma=sigma, factor=factors, photons=photons, index=index,
+                                           index_device=_to_device(index, device))
+
+
+def _draw_degraded(b: int, probability: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of ``b`` samples are degraded: a (B,) bool mask and their indices, both on the CPU.
+
+    Drawn on the host from a CPU generator seeded from ``generator``'s seed (``initial_seed`` is
+    a host-side number, so no device is asked; the trainer seeds a fresh generator for every
+    micro-batch, so these draws differ between batches as the device's do).
+    """
+    seed = (generator.initial_seed() * 0x9E3779B97F4A7C15 + 0x2545F4914F6CDD1D) % (1 << 64)
+    degrade = torch.rand(b, generator=torch.Generator().manual_seed(seed)) < probability
+    return degrade, degrade.nonzero()[:, 0]
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the device: pinned, then copied asynchronously."""
+    if device.type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _centre_crop_params(rescale: torch.Tensor) -> _AffineParams:
@@ -454,28 +475,31 @@ def _percentile_bounds(
         count = torch.full((b,), n, device=values.device)
     else:
         count = valid.sum(dim=-1)
-    last = (count - 1).clamp(min=0)[:, None, None]  # (B, 1, 1) index of the largest valid value
-    fractions = torch.tensor(percentiles, device=values.device, dtype=torch.float32) / 100.0
-    position = fractions * last.float()  # (B, 1, 2)
-    below = position.floor()
-    index0 = below.long()  # ascending ranks among the valid values, (B, 1, 2)
-    index1 = (index0 + 1).minimum(last)
+    last = (count - 1).clamp(min=0)[:, None]  # (B, 1) index of the largest valid value
     bounds = []
-    for end in range(2):
+    for end, percentile in enumerate(percentiles):
         # The low end selects the smallest values (padding pushed to +inf), the high end the
         # largest (padding at -inf), where ascending rank r is descending rank last - r.
         smallest = end == 0
-        ranks = torch.cat([index0[..., end], index1[..., end]], dim=-1)  # (B, 2)
+        fraction = percentile / 100.0
+        position = fraction * last.float()  # (B, 1)
+        below = position.floor()
+        index0 = below.long()  # ascending ranks among the valid values
+        index1 = (index0 + 1).minimum(last)
+        ranks = torch.cat([index0, index1], dim=-1)  # (B, 2)
         if not smallest:
-            ranks = last[..., 0] - ranks
-        # One host sync per end for k: the price of selecting ~1% instead of sorting all.
-        k = min(n, int(ranks.max()) + 1)
+            ranks = last - ranks
+        # k from the shape alone, never from the data (which would be a host-device sync): the
+        # deepest rank any row can need, had it all n values valid, plus a margin for the float32
+        # rounding of the position. Padding only lowers a row's ranks.
+        reach = math.floor(fraction * (n - 1)) + 1 if smallest else math.ceil((1 - fraction) * (n - 1))
+        k = min(n, reach + 2)
         rows = values if valid is None else values.masked_fill(
             ~valid[:, None, :], math.inf if smallest else -math.inf)
         selected = rows.topk(k, dim=-1, largest=not smallest, sorted=True).values  # (B, C, k)
         pair = selected.gather(-1, ranks[:, None, :].expand(b, c, 2))
         value0, value1 = pair[..., 0], pair[..., 1]
-        bounds.append(value0 + (value1 - value0) * (position[..., end] - below[..., end]))
+        bounds.append(value0 + (value1 - value0) * (position - below))
     bounds = torch.stack(bounds, dim=-1)  # (B, C, 2)
     # No valid pixel: both bounds NaN, so the channel counts as flat.
     bounds = torch.where(count[:, None, None] > 0, bounds, torch.full_like(bounds, math.nan))
@@ -608,20 +632,20 @@ def _mix_channels(
     return torch.where(invert, 1.0 - images, images), nonempty
 
 
-def _degrade(images: torch.Tensor, params: _DegradeParams) -> torch.Tensor:
+def _degrade(images: torch.Tensor, params: _DegradeParams, generator: torch.Generator) -> torch.Tensor:
     """Blur, downsample + re-upsample and Poisson noise (B, C, S, S), per sample.
 
     Blur (zero padding) and resampling are both linear along each axis, so they fold into one
     (S, S) matrix per sample and axis: the result is ``A_y @ image @ A_x.T``, two batched matmuls
     with no dependence of the cost on sigma and no per-sample loop. Only the samples drawn for a
-    degradation go through them (one host sync for their indices): the others would cost as
-    much and come out unchanged, and they are most of the batch (``degrade_prob`` 0.25-0.5).
-    The noise comes from a generator seeded by ``params.noise_seed``.
+    degradation (``params.index``, known on the host: no sync) go through them; the others would
+    cost as much and come out unchanged, and they are most of the batch (``degrade_prob``
+    0.25-0.5). The Poisson draws come last from ``generator``: how many numbers they take may
+    depend on the data on the CPU, and nothing draws after them.
     """
-    active = (params.sigma > 0).any(dim=1) | (params.factor > 1).any(dim=1) | (params.photons > 0)
-    index = active.nonzero()[:, 0]
-    if index.numel() == 0:
+    if params.index.numel() == 0:
         return images
+    index = params.index_device
     sigma, factor, photons = params.sigma[index], params.factor[index], params.photons[index]
     size = images.shape[-1]
     along_y = _resample_matrix(factor[:, 0], size) @ _blur_matrix(sigma[:, 0], size)
@@ -629,8 +653,7 @@ def _degrade(images: torch.Tensor, params: _DegradeParams) -> torch.Tensor:
     degraded = along_y[:, None] @ images[index] @ along_x[:, None].transpose(-1, -2)
     photons = photons[:, None, None, None]
     safe = photons.clamp(min=1e-6)
-    noise = torch.Generator(images.device).manual_seed(int(params.noise_seed))
-    noisy = torch.poisson(degraded.clamp(min=0.0) * safe, generator=noise) / safe
+    noisy = torch.poisson(degraded.clamp(min=0.0) * safe, generator=generator) / safe
     return images.index_copy(0, index, torch.where(photons > 0, noisy, degraded))
 
 

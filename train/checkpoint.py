@@ -8,6 +8,13 @@ and the data stream, augmentation and layer drop are seeded from (seed, rank, st
 state has to be carried. ``extra`` objects (anything with ``state_dict``/``load_state_dict``)
 are saved too, for whatever else a caller wants to carry.
 
+A run directory holds one run. :func:`resume_step` decides where a launch starts:
+at the newest checkpoint when there is one (so torchrun's ``--max-restarts`` and a plain relaunch
+after a crash continue the run, as torchtitan does), and never a second run on top of the first:
+a launch whose settings differ from the checkpoint's is refused with the choices (``--resume``
+continues anyway with the new settings), unless only options that do not change what is
+computed differ (:data:`RESUMABLE_CHANGES`).
+
 Layout: ``<run_dir>/checkpoints/step_0000100/`` (a DCP folder, sharded across ranks, written
 to ``.tmp`` and renamed by rank 0 when every rank has finished, so a crash mid-save never leaves
 a folder that looks complete) with ``meta.json`` (step, config) beside the shards.
@@ -30,6 +37,41 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 log = logging.getLogger(__name__)
 
 _PREFIX = "step_"
+# Options a relaunch may change without becoming another run: how the run is executed, logged
+# and stored, not what it computes (prefixes of the dotted names).
+RESUMABLE_CHANGES = (
+    "run_dir", "checkpoint.", "parallel.", "loop.max_steps", "loop.max_minutes", "loop.log_every",
+    "loop.val_every", "loop.val_batches", "loop.peak_tflops", "data.root", "data.shard_url",
+    "data.prefetch_factor", "data.pin_memory",
+)
+
+
+class RunDirConflict(RuntimeError):
+    """The run directory holds checkpoints of a run with other settings."""
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """``"name: saved -> current"`` for each option that differs and is not resumable.
+
+    Options present on one side only (a newer or older version of the code) are not counted.
+    """
+    old, new = _flatten(saved), _flatten(current)
+    return [
+        f"{name}: {old[name]!r} -> {new[name]!r}"
+        for name in sorted(old.keys() & new.keys())
+        if old[name] != new[name] and not name.startswith(RESUMABLE_CHANGES)
+    ]
+
+
+def _flatten(tree: dict, where: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{where}.{key}" if where else key
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,7 +81,9 @@ class CheckpointConfig:
     keep: int = 3
     """Keep the last K checkpoints; older ones are deleted after a successful save."""
     resume: bool = False
-    """Continue from the newest checkpoint in <run_dir>/checkpoints (the --resume flag)."""
+    """Continue from the newest checkpoint in <run_dir>/checkpoints even where its settings
+    differ from this launch's (the --resume flag). Without it a launch continues a run whose
+    checkpoints have the same settings, and refuses one whose settings differ."""
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -66,6 +110,33 @@ def checkpoint_steps(folder: Path) -> list[int]:
         if path.is_dir() and path.name.startswith(_PREFIX) and (path / "meta.json").is_file():
             steps.append(int(path.name[len(_PREFIX):]))
     return sorted(steps)
+
+
+def resume_step(run_dir: str | Path, config_json: str, force: bool = False) -> int | None:
+    """The step a launch into ``run_dir`` continues from: its newest checkpoint, or None (step 0).
+
+    Raises :class:`RunDirConflict` when the newest checkpoint was written with settings other
+    than this launch's (``config_json``, the resolved config) and ``force`` is false. Only reads
+    files, so every rank can call it and reach the same answer.
+    """
+    folder = Path(run_dir) / "checkpoints"
+    steps = checkpoint_steps(folder)
+    if not steps:
+        return None
+    newest = folder / f"{_PREFIX}{steps[-1]:07d}"
+    saved = json.loads((newest / "meta.json").read_text()).get("config", {})
+    changes = config_changes(saved, json.loads(config_json))
+    if changes and not force:
+        shown = "; ".join(changes[:8]) + (f"; ... ({len(changes)} in all)" if len(changes) > 8 else "")
+        raise RunDirConflict(
+            f"{run_dir} holds another run: its newest checkpoint {newest} (step {steps[-1]}) was written "
+            f"with other settings ({shown}). A run directory holds one run. Either continue that run "
+            f"with these settings (--resume), or give this run its own directory (run_dir=...), or "
+            f"delete {folder} to start over there."
+        )
+    if changes and _is_rank0():
+        log.warning("resuming %s with changed settings: %s", newest, "; ".join(changes))
+    return steps[-1]
 
 
 class Checkpointer:

@@ -57,7 +57,15 @@ import webdataset as wds
 import yaml
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.shards import MANIFEST_FILE, TRAIN_SPLITS, WEIGHTS_FILE, decode_sample, group_key, read_manifest
+from pipeline.shards import (
+    MANIFEST_FILE,
+    TRAIN_SPLITS,
+    WEIGHTS_FILE,
+    decode_sample,
+    group_key,
+    read_manifest,
+    sample_problems,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +103,11 @@ class DataConfig:
     """Samples larger than this in H or W are randomly cropped to at most max_side x max_side on
     the CPU, to bound batch memory; the GPU crop to 256 comes later."""
     shuffle_buffer: int = 128
-    """Raw (still compressed) samples each group's stream holds for shuffling, per worker; it
-    starts yielding at a quarter full. Memory per worker is at most about groups x this x the
-    mean compressed sample size."""
+    """At most this many raw (still compressed) samples in each group's shuffle buffer, per
+    worker; a buffer starts yielding at a quarter full (of this or of its share of shuffle_bytes)."""
+    shuffle_bytes: int = 256 * 2**20
+    """Bytes of raw samples one worker's shuffle buffers hold at most, all groups together (each
+    group's buffer gets an equal share): what bounds the buffers' host memory."""
     seed: int = 0
     """Seeds every random choice of the data stream (groups, shards, shuffles, crops)."""
     samples_per_epoch: int | None = None
@@ -119,7 +129,7 @@ class DataConfig:
         # YAML gives lists where the field is a tuple.
         if isinstance(self.val_splits, list):
             object.__setattr__(self, "val_splits", tuple(self.val_splits))
-        positive = ("batch_size", "prefetch_factor", "max_side", "shuffle_buffer", "chunk_steps")
+        positive = ("batch_size", "prefetch_factor", "max_side", "shuffle_buffer", "shuffle_bytes", "chunk_steps")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -289,6 +299,31 @@ def steps_per_epoch(cfg: DataConfig, world_size: int) -> int:
     return max(1, math.ceil(samples / (cfg.batch_size * world_size)))
 
 
+# Bytes per pixel of a batch as the loader sends it: float16 images (3 channels), float16 flows
+# (2), int32 labels, bool ignore and valid masks.
+_BATCH_PIXEL_BYTES = 3 * 2 + 2 * 2 + 4 + 1 + 1
+
+
+def loader_host_bytes(cfg: DataConfig) -> dict[str, int]:
+    """Host memory one rank's training loader may hold at most, in bytes, workers included.
+
+    ``in_flight``: the batches the DataLoader keeps prefetched (``num_workers x prefetch_factor``,
+    in shared memory), each at its largest (every sample ``max_side`` x ``max_side``).
+    ``shuffle``: the shuffle buffers of all workers (``shuffle_bytes`` each). ``pinned``: the
+    batches in page-locked memory (the one the pin-memory thread fills and the one the step
+    copies from), when ``pin_memory``. ``total``: those plus the batch each worker is assembling.
+    A pure function of the config: the dry run and the loader's start-up log read the same numbers.
+    """
+    batch = cfg.batch_size * cfg.max_side**2 * _BATCH_PIXEL_BYTES
+    workers = max(cfg.num_workers, 1)
+    in_flight = cfg.num_workers * cfg.prefetch_factor * batch if cfg.num_workers else batch
+    shuffle = workers * cfg.shuffle_bytes
+    pinned = 2 * batch if cfg.pin_memory else 0
+    assembling = workers * batch
+    return dict(in_flight=in_flight, shuffle=shuffle, pinned=pinned,
+                total=in_flight + shuffle + pinned + assembling)
+
+
 def _slot_shards(
     group: _Group, rank: int, world_size: int, virtual: int, n_virtual: int
 ) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -339,21 +374,9 @@ def _decode(raw: dict, expected_group: str | None) -> _Sample:
     """Decode a raw webdataset sample and check that its parts agree; ValueError otherwise."""
     image, labels, flows, meta, ignore = decode_sample(raw)
     key = raw.get("__key__", "?")
-    if image.ndim != 3 or not 1 <= image.shape[2] <= 3 or image.dtype not in (np.uint8, np.uint16):
-        raise ValueError(f"image must be (H, W, 1..3) uint8/uint16; got {image.dtype} {image.shape}")
-    height, width = image.shape[:2]
-    if labels.shape != (height, width) or labels.dtype.kind != "u":
-        raise ValueError(f"labels must be unsigned ({height}, {width}); got {labels.dtype} {labels.shape}")
-    if flows.shape != (2, height, width) or flows.dtype.kind != "f":
-        raise ValueError(f"flows must be float (2, {height}, {width}); got {flows.dtype} {flows.shape}")
-    if ignore is not None and ignore.shape != (height, width):
-        raise ValueError(f"ignore mask must be ({height}, {width}); got {ignore.shape}")
-    if (meta.height, meta.width, meta.channels) != image.shape:
-        raise ValueError(f"json says {(meta.height, meta.width, meta.channels)} but the image is {image.shape}")
-    if meta.key != key:
-        raise ValueError(f"json key {meta.key!r} differs from the tar key {key!r}")
-    if not (math.isfinite(meta.diameter) and meta.diameter > 0):
-        raise ValueError(f"diameter must be positive; got {meta.diameter}")
+    problems = sample_problems(image, labels, flows, meta, ignore, key=key)
+    if problems:
+        raise ValueError("; ".join(problems))
     group = group_key(meta.dataset, meta.subset)
     if expected_group is not None and group != expected_group:
         raise ValueError(
@@ -482,8 +505,40 @@ def _shard_samples(sources: Iterable[dict], on_error: Callable[[str, str], None]
         yield from wds.tarfile_samples([source], handler=handler, select_files=select_files)
 
 
+def _raw_bytes(sample: dict) -> int:
+    return sum(len(v) for v in sample.values() if isinstance(v, bytes))
+
+
+def _shuffled(samples: Iterator[dict], capacity: int, budget: int, rng: random.Random) -> Iterator[dict]:
+    """Stage: a shuffle buffer of at most ``capacity`` samples and ``budget`` bytes (overshot by
+    the two samples just taken in at most). Like webdataset's shuffle it takes two samples in per
+    sample out until full, and starts yielding at a quarter full (by count or by bytes)."""
+    buffer: list[dict] = []
+    held = 0
+    for sample in samples:
+        buffer.append(sample)
+        held += _raw_bytes(sample)
+        if len(buffer) < capacity and held < budget:
+            extra = next(samples, None)
+            if extra is not None:
+                buffer.append(extra)
+                held += _raw_bytes(extra)
+        if len(buffer) < max(1, capacity // 4) and held < budget // 4:
+            continue
+        while True:  # one out per sample in, more while over the budget
+            index = rng.randrange(len(buffer))
+            buffer[index], buffer[-1] = buffer[-1], buffer[index]
+            chosen = buffer.pop()
+            held -= _raw_bytes(chosen)
+            yield chosen
+            if held <= budget or not buffer:
+                break
+    rng.shuffle(buffer)  # a finite stream (tests) ends with the rest, in random order
+    yield from buffer
+
+
 def _group_stream(
-    shards: tuple[str, ...], key: str, words: tuple[int, ...], buffer: int, errors: list
+    shards: tuple[str, ...], key: str, words: tuple[int, ...], buffer: int, budget: int, errors: list
 ) -> Iterator[dict]:
     """One group's endless stream of raw samples for one slot and chunk: resampled shards ->
     raw samples -> shuffle buffer. Tar-level errors are appended to ``errors`` as (url, message)."""
@@ -491,7 +546,7 @@ def _group_stream(
     stream = _resampled_shards(shards, _rng(_TAG_SHARDS, *words), guard)
     stream = _shard_samples(stream, lambda url, message: errors.append((url, message)))
     stream = _reset_guard(stream, guard)
-    return wds.shuffle(buffer, max(1, buffer // 4), rng=_py_rng(_TAG_SHUFFLE, *words))(stream)
+    return _shuffled(stream, buffer, budget, _py_rng(_TAG_SHUFFLE, *words))
 
 
 class _Chunk:
@@ -517,7 +572,9 @@ class _Chunk:
             source = self.source
             shards, _ = _slot_shards(group, source.rank, source.world_size, self.virtual, source.n_virtual)
             words = (*self.words, index)
-            self.streams[index] = _group_stream(shards, group.key, words, source.cfg.shuffle_buffer, self.errors)
+            budget = source.cfg.shuffle_bytes // len(source.groups)
+            self.streams[index] = _group_stream(shards, group.key, words, source.cfg.shuffle_buffer, budget,
+                                                self.errors)
         return self.streams[index]
 
 
@@ -639,6 +696,9 @@ class TrainLoader:
         self.steps_per_epoch = steps_per_epoch(cfg, world_size)
         if rank == 0:
             _log_plan(self.groups, world_size, max(cfg.num_workers, 1))
+        host = loader_host_bytes(cfg)
+        log.info("rank %d loader host memory at most %.2f GiB: %.2f in flight, %.2f shuffle buffers, %.2f pinned",
+                 rank, *(host[k] / 2**30 for k in ("total", "in_flight", "shuffle", "pinned")))
         self._iterator: Iterator[Batch] | None = None
 
     def _start(self) -> Iterator[Batch]:
@@ -824,6 +884,7 @@ __all__ = [
     "TrainLoader",
     "build_train_loader",
     "build_val_loader",
+    "loader_host_bytes",
     "steps_per_epoch",
     "train_weights",
 ]

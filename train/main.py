@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch.distributed as dist  # noqa: E402
 
+from train.checkpoint import RunDirConflict  # noqa: E402
 from train.config import load_config, option_names  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 
@@ -27,7 +28,7 @@ def parse(argv=None):
         "python train/main.py --list-options prints them all.",
     )
     parser.add_argument("--config", type=Path, help="YAML config (configs/paper.yaml, configs/tiny-cpu.yaml)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run_dir")
+    parser.add_argument("--resume", action="store_true", help="continue the run in run_dir even where its settings differ from this launch's (a launch with the same settings continues it anyway)")
     parser.add_argument("--list-options", action="store_true", help="print every config option and exit")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value")
     args = parser.parse_args(argv)
@@ -50,6 +51,11 @@ def main(argv=None) -> int:
     try:
         trainer = Trainer(cfg)
         trainer.train()
+    except RunDirConflict as error:
+        # Every rank finds the same conflict; one message is enough.
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
     finally:
         if trainer is not None:
             trainer.close()

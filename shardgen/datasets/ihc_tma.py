@@ -4,7 +4,7 @@ Layout (datasets.md 2.17), as ``IHC_TMA_dataset.zip`` unpacks (the dataset folde
 holding ``IHC_TMA_dataset/`` or ``IHC_TMA_dataset/`` itself)::
 
     IHC_TMA_dataset/images/fold{1,2,3}_<n>.png   RGB IHC
-    IHC_TMA_dataset/masks/fold{1,2,3}_<n>.npy    (C, H, W), C >= 2: channels 0 and 1 are nuclear masks
+    IHC_TMA_dataset/masks/fold{1,2,3}_<n>.npy    (3, H, W) int64, channel 0 = instance ids
 
 Splits are the published folds ``fold1``, ``fold2``, ``fold3``, taken from the file-name prefix
 (torch-em maps them to train / val / test). One item per image, paired with the mask of the same
@@ -12,23 +12,23 @@ stem; an image without a mask, or a mask without an image, is still an item and 
 ``load``. Files whose names start with no ``fold<k>_`` belong to no split; they are listed with
 ``fold1`` (the first split) and rejected there, so they show up in ``rejects.parquet``.
 
-What this converter does about the "Tricky" notes (the channel semantics are unconfirmed:
-probably positive and negative nuclei, and whether they hold instance ids or 0/1 is unknown):
+The masks. The only first-hand description of the files (someone who loaded them: "masks (3, H, W)
+int64, channel 0 = instance IDs") says channel 0 holds the instance ids; what channels 1 and 2
+hold is not described (class or type maps, by the look of it: positive / negative nuclei).
+datasets.md's "(2, H, W) binary nuclear masks" comes from third-party loaders (torch-em adds
+channels 0 and 1 and takes connected components; InstanSeg takes their maximum), not from the
+files. So:
 
-* Instance ids or binary, decided per file from the data: if channel 0 or channel 1 holds more
-  than one distinct positive value, the channels already hold instance ids. Then channel 0's ids
-  are kept, channel 1's ids are shifted past channel 0's largest id so the two cannot collide,
-  and where both channels are set channel 0 keeps the pixel. A channel with a single positive
-  value is ambiguous (one object, or a 0/1 mask of several), so it is split into connected
-  components first, which changes nothing for a single connected object.
-* Otherwise the masks are binary: the union of channels 0 and 1 is split into 8-connected
-  components (``binary_to_instances``), as torch-em does. Touching nuclei merge into one object;
-  that is the source's limitation. (InstanSeg instead splits touching blobs with a
-  distance-transform watershed; that invents boundaries, so it is not done here.) Components are
-  taken on the union rather than per channel so that overlapping channels (if one were a subset
-  of the other) cannot produce duplicate objects.
-* Channels past 1 (if any) are not read. A mask stored channels-last, (H, W, C), is accepted
-  when its (H, W) matches the image.
+* Objects come from channel 0 only. Pixels of another channel never become objects: a class or
+  type map turned into objects would invent nuclei.
+* Channel 0 with several distinct ids: the ids as stored (touching nuclei stay apart).
+* Channel 0 with a single value (one nucleus, or a 0/1 mask of several) or none: split into
+  8-connected components, which changes nothing for a single connected nucleus. This is not the
+  described form, so here the other channels are checked: where one of them marks pixels that
+  channel 0 leaves as background, those could be nuclei that channel 0 lacks, and the item is
+  rejected naming the channel and the pixel count rather than converted without them.
+* Masks stored channels-last, (H, W, C), or as a single (H, W) plane are accepted when (H, W)
+  matches the image.
 * Modality ``ihc``; the image stays RGB (a constant alpha channel is dropped by ``read_image``).
 """
 
@@ -38,7 +38,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import scipy.ndimage
 
 from pipeline.io import SUPPORTED_SUFFIXES, read_image
 from shardgen.base import DatasetInfo, Item, ItemError, LayoutError, Loaded
@@ -52,7 +51,7 @@ INFO = DatasetInfo(
     splits=("fold1", "fold2", "fold3"),
     layout=(
         "IHC_TMA_dataset/images/fold{1,2,3}_<n>.png (RGB) + IHC_TMA_dataset/masks/fold{1,2,3}_<n>.npy "
-        "((C,H,W), C >= 2, channels 0 and 1 nuclear masks)"
+        "((3,H,W) int64: channel 0 instance ids; channels 1, 2 are never made into objects)"
     ),
     paper_images=None,
 )
@@ -112,44 +111,46 @@ def load(root: Path, item: Item) -> Loaded:
     image = read_image(root / image_rel)
     mask_path = root / mask_rel
     masks = open_npy(mask_path)
-    channels = _two_channels(masks, image.shape[:2], mask_path)
-    return Loaded(image=image, labels=nuclear_masks_to_instances(channels, mask_path))
+    channels = _mask_channels(masks, image.shape[:2], mask_path)
+    return Loaded(image=image, labels=masks_to_instances(channels, mask_path))
 
 
-def _two_channels(masks: np.ndarray, image_shape: tuple[int, int], path: Path) -> np.ndarray:
-    """Channels 0 and 1 as a (2, H, W) array, from (C, H, W) or (H, W, C) masks."""
-    if masks.ndim == 3 and masks.shape[0] >= 2 and masks.shape[1:] == image_shape:
-        channels = masks[:2]
-    elif masks.ndim == 3 and masks.shape[2] >= 2 and masks.shape[:2] == image_shape:
-        channels = np.moveaxis(masks[:, :, :2], -1, 0)
+def _mask_channels(masks: np.ndarray, image_shape: tuple[int, int], path: Path) -> np.ndarray:
+    """(C, H, W) int64 from (C, H, W), (H, W, C) or (H, W) masks whose (H, W) is the image's."""
+    if masks.ndim == 2 and masks.shape == image_shape:
+        channels = masks[np.newaxis]
+    elif masks.ndim == 3 and masks.shape[1:] == image_shape:
+        channels = masks
+    elif masks.ndim == 3 and masks.shape[:2] == image_shape:
+        channels = np.moveaxis(masks, -1, 0)
     else:
         raise ItemError(
-            f"{path}: expected masks of shape (C, H, W) with C >= 2 and (H, W) = {image_shape} as the image; "
-            f"got {masks.shape}"
+            f"{path}: expected masks of shape (C, H, W) (published: (3, H, W)) with (H, W) = {image_shape} as "
+            f"the image; got {masks.shape}"
         )
     channels = np.array(channels)
     if channels.dtype.kind not in "biuf":
         raise ItemError(f"{path}: masks have dtype {channels.dtype}; expected numbers")
     if not np.isfinite(channels).all() or not np.array_equal(channels, np.round(channels)) or channels.min() < 0:
         raise ItemError(f"{path}: masks must hold whole, non-negative values; got {channels.min()}..{channels.max()}")
+    if channels.max() > np.iinfo(np.uint32).max:
+        raise ItemError(f"{path}: instance id {channels.max()} does not fit uint32")
     return channels.astype(np.int64)
 
 
-def nuclear_masks_to_instances(channels: np.ndarray, path: Path | str = "masks") -> np.ndarray:
-    """(H, W) uint32 instance labels from the two nuclear mask channels (2, H, W), see the module notes."""
-    distinct = [np.unique(channel[channel > 0]) for channel in channels]
-    if all(len(values) <= 1 for values in distinct):
-        # Binary: components of the union.
-        return binary_to_instances((channels > 0).any(axis=0))
-    per_channel = []
-    for channel, values in zip(channels, distinct):
-        if len(values) == 1:  # ambiguous: one object or a 0/1 mask of several
-            channel, _ = scipy.ndimage.label(channel > 0, structure=np.ones((3, 3), bool))
-        per_channel.append(channel.astype(np.int64))
-    labels = per_channel[0].copy()
-    second = per_channel[1]
-    take = (second > 0) & (labels == 0)
-    labels[take] = second[take] + labels.max()
-    if labels.max() > np.iinfo(np.uint32).max:
-        raise ItemError(f"{path}: instance ids past uint32 after combining the two channels")
-    return labels.astype(np.uint32)
+def masks_to_instances(channels: np.ndarray, path: Path | str = "masks") -> np.ndarray:
+    """(H, W) uint32 instance labels from channel 0 of (C, H, W) masks; see the module notes."""
+    ids = channels[0]
+    if len(np.unique(ids[ids > 0])) > 1:
+        return ids.astype(np.uint32)  # the described form; the other channels are not read
+    background = ids == 0
+    for index in range(1, channels.shape[0]):
+        outside = int(np.count_nonzero(channels[index][background]))
+        if outside:
+            raise ItemError(
+                f"{path}: channel 0 holds {'no ids' if background.all() else 'a single value'}, not the instance "
+                f"ids of the published masks, and channel {index} marks {outside} pixels where channel 0 is "
+                f"background; other channels are never made into objects (they hold classes or types), so "
+                f"nuclei there would be lost"
+            )
+    return binary_to_instances(~background)

@@ -8,8 +8,11 @@ Layout (datasets.md 2.16), as ``lynsec.zip`` (Zenodo 8065174) unpacks::
     lynsec 2/<n>_l2.npy   H&E
     lynsec 3/<n>_l3.npy   H&E
 
-Each array is (H, W, C) with C >= 4: channels 0-2 are RGB, channel 3 holds instance labels
-(0 = background). One item per ``.npy``, listed folder by folder and by the number in the name;
+The arrays, as the Zenodo record describes them: ``*_l1.npy`` and ``*_l3.npy`` are (H, W, 5):
+channels 0-2 RGB, channel 3 the instance map (0 = background), channel 4 the class map (LyNSeC 1:
+1 = marker-negative, 2 = marker-positive; LyNSeC 3: 1 = non-tumour, 2 = tumour). ``*_l2.npy``
+are (H, W, 4), without the class map. 512 x 512 px at 40x; 379 / 280 / 40 images in LyNSeC
+1 / 2 / 3. One item per ``.npy``, listed folder by folder and by the number in the name;
 its source is the file's path, e.g. ``lynsec 1/0_l1.npy``. A zip unpacked into an extra
 ``lynsec/`` folder is accepted too.
 
@@ -25,9 +28,10 @@ What this converter does about the "Tricky" notes:
 * No official split: one split, ``all``.
 * The RGB channels go through ``as_uint_image`` (whole numbers in 0..255 become uint8, which is
   what the stored values are reported to be); channel 3 must hold whole, non-negative ids.
-  Channels past 3 (if any; unconfirmed) are not read.
+  The class map (channel 4) is never read: classes are not objects. Any array with at least the
+  4 channels up to the instance map is read the same way, whatever its folder.
 
-Unconfirmed [U]: file names beyond ``<n>_l<folder>``, the stored dtype, channels past 4.
+Unconfirmed [U]: file names beyond ``<n>_l<folder>``, the stored dtype.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ INFO = DatasetInfo(
     splits=("all",),
     layout=(
         "'lynsec 1/' (IHC), 'lynsec 2/', 'lynsec 3/' (H&E), one <n>_l<k>.npy per image: "
-        "(H,W,4+) RGB + instance labels"
+        "_l1, _l3 (H,W,5) RGB + instance ids + class (not read); _l2 (H,W,4) RGB + instance ids"
     ),
     paper_images=None,
 )
@@ -105,7 +109,10 @@ def load(root: Path, item: Item) -> Loaded:
         )
     array = open_npy(path)
     if array.ndim != 3 or array.shape[2] < 4:
-        raise ItemError(f"{path}: expected (H, W, C) with C >= 4 (RGB + instance labels); got shape {array.shape}")
+        raise ItemError(
+            f"{path}: expected (H, W, 5) (RGB, instance ids, class) or (H, W, 4) (RGB, instance ids); "
+            f"got shape {array.shape}"
+        )
     if array.dtype.kind not in "fiub":
         raise ItemError(f"{path}: expected a numeric array; got {array.dtype}")
     try:

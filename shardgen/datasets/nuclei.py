@@ -42,7 +42,12 @@ INFO = DatasetInfo(
     modality="fluorescence",
     channel_names=("nucleus",),
     splits=("train", "test"),
-    layout="train/, test/ with NNN_img.png (1 channel, or gray packed in RGB) + NNN_masks.png",
+    # No public copy of this set was found (it was not on Cellpose's dataset page when users asked
+    # for it, cellpose issue #240), so --list and layout errors say that this layout is assumed.
+    layout=(
+        "ASSUMED, no public copy seen (cellpose issue #240): laid out like the cyto set, "
+        "train/ and test/ with NNN_img.png (1 channel, or gray packed in RGB) + NNN_masks.png (labels)"
+    ),
     paper_images=1025,
 )
 

@@ -7,8 +7,9 @@ Layout ([T] torch-em, InstanSeg)::
     NuInsSeg/<tissue>/tissue images/<name>.png        RGB(A) 512 x 512
     NuInsSeg/<tissue>/label masks modify/<name>.tif   instance labels
 
-The dataset folder may hold ``NuInsSeg/`` (Zenodo) or the tissue folders directly (the Kaggle
-archive, as torch-em reads it); both are accepted. No official split: everything is split
+The dataset folder may hold ``NuInsSeg/`` (InstanSeg's and datasets.md's reading of the Zenodo
+zip) or the tissue folders directly (the Kaggle archive, as torch-em reads it; a zip may well have
+no ``NuInsSeg/`` level either): both are read, and ``--list`` shows both forms. No official split: everything is split
 "all"; no subsets (the tissue is in each item's source path).
 
 Decisions on the "Tricky" notes of datasets.md:
@@ -40,7 +41,10 @@ INFO = DatasetInfo(
     modality="he",
     channel_names=("red", "green", "blue"),
     splits=("all",),
-    layout="NuInsSeg/<tissue>/tissue images/<name>.png + NuInsSeg/<tissue>/label masks modify/<name>.tif",
+    layout=(
+        "NuInsSeg/<tissue>/tissue images/<name>.png + NuInsSeg/<tissue>/label masks modify/<name>.tif, "
+        "or <tissue>/tissue images/<name>.png + <tissue>/label masks modify/<name>.tif (no NuInsSeg/ level)"
+    ),
     paper_images=665,
 )
 
@@ -65,8 +69,7 @@ def find_items(root: Path, split: str) -> list[Item]:
     if not tissues:
         found = found_in(root)
         raise LayoutError(
-            f"{root} is not the NuInsSeg folder: expected {INFO.layout} (or the <tissue> folders "
-            f"directly); found {found}."
+            f"{root} is not the NuInsSeg folder: expected {INFO.layout}; found {found}."
         )
     if split not in INFO.splits:
         return []

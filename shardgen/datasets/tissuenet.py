@@ -1,11 +1,16 @@
 """TissueNet v1.0 / v1.1 (Greenwald et al. 2022): two-channel tissue fluorescence in ``.npz`` files.
 
-Layout (datasets.md 2.3), one ``.npz`` per split, in the dataset folder or in a
-``tissuenet_v1.1/`` / ``tissuenet_v1.0/`` folder inside it:
+Layout (datasets.md 2.3), one ``.npz`` per split, in the dataset folder or in one wrapper folder
+inside it:
 
 * v1.1 zip: ``tissuenet_v1.1_{train,val,test}.npz``
-* current deepcell download (also v1.1): ``{train,val,test}.npz``
+* current deepcell download: ``{train,val,test}.npz``. deepcell-tf's ``TissueNet`` fetches
+  ``tissuenet_v1-1.zip`` (v1.0: ``tissuenet_1-0.zip``) and reads ``<zip name without .zip>/
+  {split}.npz``, so these unpack to ``tissuenet_v1-1/`` and ``tissuenet_1-0/``.
 * v1.0: ``tissuenet_v1.0_{train,val,test}.npz``
+
+Wrapper folders accepted: ``tissuenet_v1-1/``, ``tissuenet_1-0/`` (deepcell's zips),
+``tissuenet_v1.1/``, ``tissuenet_v1.0/``.
 
 Keys: ``X`` (N, H, W, 2) float, channel 0 = nuclear stain, channel 1 = membrane/cytoplasm stain;
 ``y`` (N, H, W, 2) integer, channel 0 = whole-cell labels, channel 1 = nuclear labels. v1.1 adds
@@ -72,8 +77,9 @@ INFO = DatasetInfo(
     splits=("train", "val", "test"),
     layout=(
         "tissuenet_v1.1_{train,val,test}.npz, or {train,val,test}.npz, or "
-        "tissuenet_v1.0_{train,val,test}.npz (optionally inside tissuenet_v1.1/ or "
-        "tissuenet_v1.0/), keys X (N,H,W,2: nucleus, membrane) and y (N,H,W,2: cell, nucleus)"
+        "tissuenet_v1.0_{train,val,test}.npz (optionally inside tissuenet_v1-1/ or tissuenet_1-0/ as "
+        "deepcell's zips unpack, or tissuenet_v1.1/, tissuenet_v1.0/), keys X (N,H,W,2: nucleus, "
+        "membrane) and y (N,H,W,2: cell, nucleus)"
     ),
     paper_images=None,
 )
@@ -81,7 +87,9 @@ INFO = DatasetInfo(
 # File names per split: v1.1, the current deepcell download (also v1.1), v1.0. The order only
 # fixes the order of the names in messages: two present at once is a LayoutError.
 _FILE_PATTERNS = ("tissuenet_v1.1_{split}.npz", "{split}.npz", "tissuenet_v1.0_{split}.npz")
-_SUBFOLDERS = ("", "tissuenet_v1.1", "tissuenet_v1.0")
+# "" = the dataset folder itself; then deepcell's own zips (tissuenet_v1-1.zip, tissuenet_1-0.zip,
+# unpacked to a folder of the zip's name), then the older zips' names.
+_SUBFOLDERS = ("", "tissuenet_v1-1", "tissuenet_1-0", "tissuenet_v1.1", "tissuenet_v1.0")
 _IMAGE_KEY, _LABELS_KEY = "X", "y"
 
 # ------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 resume, corrupt samples, shard splitting over (rank, worker) slots, validation coverage and the
 batch layout."""
 
+import dataclasses
 import io
 import json
 import logging
@@ -25,7 +26,15 @@ import train.data as data
 from pipeline.shards import decode_sample, encode_array, group_key
 from shardgen.base import DatasetInfo, Item, Loaded
 from shardgen.build import BuildConfig, build_dataset, finalize
-from train.data import Batch, DataConfig, build_train_loader, build_val_loader, steps_per_epoch, train_weights
+from train.data import (
+    Batch,
+    DataConfig,
+    build_train_loader,
+    build_val_loader,
+    loader_host_bytes,
+    steps_per_epoch,
+    train_weights,
+)
 
 WEIGHTS = {"synthetic": 0.5, "fake/a": 0.3, "fake/b": 0.2}
 FAKE_COUNTS = {("train", "a"): 24, ("train", "b"): 8, ("test", "a"): 3, ("test", "b"): 2}
@@ -271,7 +280,7 @@ def test_corrupt_samples_are_skipped_counted_and_logged(tmp_path, caplog):
         messages = [m for m in skips if key in m]
         assert messages and all(shard_of[key] in m for m in messages)
     assert any("does not decode" in m for m in skips) and any("lacks member" in m for m in skips)
-    assert any("labels must be" in m for m in skips)
+    assert any("labels are" in m for m in skips)
     # Resuming still reproduces the batches exactly (fast-forward never decodes).
     for a, b in zip(batches[6:], take(build_train_loader(cfg, rank=0, world_size=1, start_step=6), 6), strict=True):
         assert_batches_equal(a, b)
@@ -472,3 +481,41 @@ def test_config_accepts_yaml_lists():
 def test_missing_root_says_how_to_make_shards(tmp_path):
     with pytest.raises(FileNotFoundError, match="shardgen"):
         build_train_loader(DataConfig(root=str(tmp_path / "nowhere")), rank=0, world_size=1)
+
+
+def test_loader_host_bytes_counts_what_the_config_allows(tmp_path):
+    # Pure arithmetic of the config: every part scales with what bounds it.
+    cfg = DataConfig(root=str(tmp_path), batch_size=4, num_workers=2, prefetch_factor=3, max_side=64,
+                     shuffle_bytes=1000, pin_memory=True)
+    host = loader_host_bytes(cfg)
+    assert set(host) >= {"in_flight", "shuffle", "pinned", "total"}
+    assert host["shuffle"] == 2 * 1000
+    assert host["total"] >= host["in_flight"] + host["shuffle"] + host["pinned"]
+    bigger = loader_host_bytes(dataclasses.replace(cfg, prefetch_factor=6))
+    assert bigger["in_flight"] == 2 * host["in_flight"]
+    assert loader_host_bytes(dataclasses.replace(cfg, pin_memory=False))["pinned"] == 0
+    assert loader_host_bytes(dataclasses.replace(cfg, batch_size=8))["in_flight"] == 2 * host["in_flight"]
+
+
+def test_shuffle_buffer_is_bounded_in_bytes_and_loses_nothing():
+    import random
+
+    sizes = [(i * 37) % 100 + 1 for i in range(300)]
+    samples = [{"__key__": str(i), "x": b"\0" * n} for i, n in enumerate(sizes)]
+    taken = 0
+    peak = 0
+
+    def source():
+        nonlocal taken
+        for sample in samples:
+            taken += 1
+            yield sample
+
+    out = []
+    for sample in data._shuffled(source(), capacity=1000, budget=500, rng=random.Random(0)):
+        out.append(sample)
+        held = sum(sizes[: taken]) - sum(len(s["x"]) for s in out)
+        peak = max(peak, held)
+    assert sorted(int(s["__key__"]) for s in out) == list(range(300))  # a permutation
+    assert [s["__key__"] for s in out] != [s["__key__"] for s in samples]
+    assert peak <= 500 + 2 * max(sizes)  # the budget, overshot by at most the two samples just taken in

@@ -1,5 +1,8 @@
-"""Tests for shardgen/datasets/cpm.py: .mat inst_map, .npy and the competition's text vectors."""
+"""Tests for shardgen/datasets/cpm.py: HoVer-Net's .mat inst_map and .npy, and CPM-15 as first
+released (imageXX_mask.txt with a "width height" header, x fastest)."""
 
+import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -94,37 +97,45 @@ def test_npy_labels_are_read(dataset):
     np.testing.assert_array_equal(load(root, item).labels, labels["test"])
 
 
-def write_vector(path: Path, labels: np.ndarray, header, separator="\n") -> None:
-    """The competition's format: the dimensions first, then one value per pixel, x fastest."""
+def write_vector(path: Path, labels: np.ndarray, header=None, separator="\n") -> None:
+    """The competition's format (its README_training.txt): a "width height" line, then one id per
+    pixel, x fastest. ``header`` overrides the (width, height) written."""
+    height, width = labels.shape
+    header = (width, height) if header is None else header
     values = separator.join(str(v) for v in labels.reshape(-1))  # C order: x fastest
-    path.write_text(f"{header[0]},{header[1]}\n{values}\n")
+    path.write_text(f"{header[0]} {header[1]}\n{values}\n")
 
 
-@pytest.mark.parametrize("header_order", ["height_width", "width_height"])
 @pytest.mark.parametrize("suffix,separator", [(".csv", "\n"), (".txt", " "), (".csv", ",")])
-def test_text_vector_labels_reshape_x_fastest(dataset, header_order, suffix, separator):
+def test_text_vector_labels_reshape_x_fastest(dataset, suffix, separator):
     root, _, labels = dataset
     label_dir = root / "cpm17" / "train" / "Labels"
     (label_dir / "image_00.mat").unlink()
-    header = (HEIGHT, WIDTH) if header_order == "height_width" else (WIDTH, HEIGHT)
-    write_vector(label_dir / f"image_00{suffix}", labels["train"], header, separator)
+    write_vector(label_dir / f"image_00{suffix}", labels["train"], separator=separator)
     loaded = load(root, find_items(root, "train")[0])
     np.testing.assert_array_equal(loaded.labels, labels["train"])
     assert n_objects(loaded.labels) == 3
 
 
-def test_text_vector_with_wrong_dimensions_or_count_is_rejected(dataset):
+def test_text_vector_with_wrong_header_or_count_is_rejected(dataset):
     root, _, labels = dataset
     label_dir = root / "cpm17" / "train" / "Labels"
     (label_dir / "image_00.mat").unlink()
     path = label_dir / "image_00.csv"
-    write_vector(path, labels["train"], (HEIGHT, WIDTH + 1))
-    with pytest.raises(ItemError, match="image_00.csv.*dimensions"):
+    write_vector(path, labels["train"], (WIDTH + 1, HEIGHT))
+    with pytest.raises(ItemError, match="image_00.csv: the header gives 41 x 30 .* image_00.png is 40 x 30"):
         load(root, find_items(root, "train")[0])
-    write_vector(path, labels["train"][:-1], (HEIGHT, WIDTH))
-    with pytest.raises(ItemError, match="image_00.csv.*1200 pixel values.*1160"):
+    # Height first: the README puts the width first, so this is not read as the image's labels.
+    write_vector(path, labels["train"], (HEIGHT, WIDTH))
+    with pytest.raises(ItemError, match="header gives 30 x 40 .*README puts the width first"):
         load(root, find_items(root, "train")[0])
-    path.write_text("30,40\n1,2,x\n")
+    write_vector(path, labels["train"][:-1])  # the header says 40 x 29
+    with pytest.raises(ItemError, match="header gives 40 x 29"):
+        load(root, find_items(root, "train")[0])
+    path.write_text(f"{WIDTH} {HEIGHT}\n" + "0\n" * (HEIGHT * WIDTH - 40))
+    with pytest.raises(ItemError, match="image_00.csv: expected 40 \\* 30 = 1200 pixel values.*got 1160"):
+        load(root, find_items(root, "train")[0])
+    path.write_text("40 30\n1,2,x\n")
     with pytest.raises(ItemError, match="image_00.csv"):
         load(root, find_items(root, "train")[0])
 
@@ -220,3 +231,91 @@ def test_end_to_end_shards_hold_every_object(dataset, shards_dir):
         ("cpm17", "train", "cpm17/train/Images/image_00.png"): 3,
         ("cpm17", "test", "cpm17/test/Images/image_00.png"): 3,
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# CPM-15 as first released: one flat folder, imageXX.png + imageXX_mask.txt + imageXX_poly.png
+# ------------------------------------------------------------------------------------------------
+
+# (height, width) of each image; the real images differ in size too (image01 is 643 x 488).
+RELEASE_SIZES = {"image01": (30, 40), "image02": (26, 34), "image03": (28, 36)}
+
+
+def release_labels(height: int, width: int, seed: int) -> np.ndarray:
+    """Two rectangles, ids 7 and 22 (the real files' ids are not consecutive either)."""
+    labels = np.zeros((height, width), np.int32)
+    labels[2:9, 3 + seed:12 + seed] = 7
+    labels[14:22, 18:30] = 22
+    return labels
+
+
+def write_release(folder: Path, image_folder: Path | None = None, swap_headers: bool = False) -> dict:
+    """The release's real names and format (README_training.txt): ``imageXX.png``,
+    ``imageXX_mask.txt`` (a "width height" line, e.g. "643 488", then one id per line, x fastest)
+    and ``imageXX_poly.png`` (the outlines drawn on the image, for viewing), beside the release's
+    ``README_training.txt``. ``swap_headers``
+    gives image02's and image03's label files each other's header, as in a real copy.
+    Returns {stem: (rgb, labels)}."""
+    image_folder = image_folder or folder
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for seed, (stem, (height, width)) in enumerate(RELEASE_SIZES.items()):
+        rgb = write_image(image_folder / f"{stem}.png", random_uint8((height, width, 3), seed))
+        write_image(image_folder / f"{stem}_poly.png", random_uint8((height, width, 3), seed + 10))
+        labels = release_labels(height, width, seed)
+        write_vector(folder / f"{stem}_mask.txt", labels)
+        written[stem] = (rgb, labels)
+    (folder / "README_training.txt").write_text("This is the training dataset ...\n")  # not a label file
+    if swap_headers:
+        for stem, other in (("image02", "image03"), ("image03", "image02")):
+            height, width = RELEASE_SIZES[other]
+            write_vector(folder / f"{stem}_mask.txt", written[stem][1], header=(width, height))
+    return written
+
+
+def test_first_release_flat_folder_pairs_image_with_mask_txt_and_skips_poly(tmp_path):
+    written = write_release(tmp_path)
+    items = find_items(tmp_path, "all")
+    assert [(i.source, i.subset, i.ref[1]) for i in items] == [
+        (f"{stem}.png", "cpm15", f"{stem}_mask.txt") for stem in RELEASE_SIZES
+    ]
+    assert find_items(tmp_path, "train") == find_items(tmp_path, "test") == []
+    for item in items:
+        loaded = load(tmp_path, item)
+        rgb, labels = written[Path(item.source).stem]
+        np.testing.assert_array_equal(loaded.image, rgb)
+        np.testing.assert_array_equal(loaded.labels, labels)  # x fastest: rows come out as written
+        assert n_objects(loaded.labels) == 2
+
+
+def test_first_release_in_cpm15_beside_cpm17(dataset):
+    root, _, _ = dataset
+    shutil.rmtree(root / "cpm15")
+    written = write_release(root / "cpm15")
+    items = find_items(root, "all")
+    assert [i.source for i in items] == [f"cpm15/{stem}.png" for stem in RELEASE_SIZES]
+    np.testing.assert_array_equal(load(root, items[1]).labels, written["image02"][1])
+    assert [i.source for i in find_items(root, "train")] == ["cpm17/train/Images/image_00.png"]
+
+
+def test_released_files_put_into_images_and_labels_still_pair(tmp_path):
+    """The release's files sorted into HoVer-Net's folders: image01.png pairs with image01_mask.txt
+    (before, this gave 0 samples: every image "has no label file", every label an orphan)."""
+    written = write_release(tmp_path / "cpm15" / "Labels", image_folder=tmp_path / "cpm15" / "Images")
+    items = find_items(tmp_path, "all")
+    assert [i.ref for i in items] == [
+        (f"cpm15/Images/{stem}.png", f"cpm15/Labels/{stem}_mask.txt") for stem in RELEASE_SIZES
+    ]
+    np.testing.assert_array_equal(load(tmp_path, items[2]).labels, written["image03"][1])
+
+
+def test_swapped_headers_are_rejected_naming_the_other_image(tmp_path, shards_dir):
+    write_release(tmp_path / "src", swap_headers=True)
+    built = build_and_read("cpm", tmp_path / "src", shards_dir)
+    assert built.summary["written"] == 1 and built.summary["rejected"] == 2
+    assert [meta.source for _, _, _, meta, _ in built.samples] == ["image01.png"]
+    reasons = {row["source"]: row["reason"] for row in built.rejects}
+    assert set(reasons) == {"image02.png", "image03.png"}
+    assert re.search(r"image02_mask.txt: the header gives 36 x 28 .*image02.png is 34 x 26.*size of image03.png",
+                     reasons["image02.png"])
+    assert re.search(r"image03_mask.txt: the header gives 34 x 26 .*size of image02.png", reasons["image03.png"])

@@ -10,7 +10,7 @@ from PIL import Image
 
 from shardgen.base import ItemError
 from shardgen.datasets import ihc_tma
-from shardgen.datasets.ihc_tma import nuclear_masks_to_instances
+from shardgen.datasets.ihc_tma import masks_to_instances
 from tests.shardgen.datasets.helpers import (
     assert_layout_error, assert_load_errors, build_and_read, by_source, n_objects, random_uint8, samples_by_source,
     write_image,
@@ -19,23 +19,27 @@ from tests.shardgen.datasets.helpers import (
 H, W = 40, 48
 
 
+def _published_masks() -> tuple[np.ndarray, int]:
+    """The described shape: (3, H, W) int64, instance ids in channel 0 (three nuclei, two of them
+    touching), a class map in channel 1 (1 / 2 over the nuclei) and a third channel that also
+    marks pixels outside the nuclei: neither may become objects."""
+    masks = np.zeros((3, H, W), np.int64)
+    masks[0, 4:12, 4:12] = 3
+    masks[0, 4:12, 12:20] = 8  # touches nucleus 3: kept apart by its id
+    masks[0, 25:33, 30:38] = 11
+    masks[1][masks[0] == 3] = 1
+    masks[1][(masks[0] == 8) | (masks[0] == 11)] = 2
+    masks[2, 20:30, 2:40] = 1  # a type/region channel crossing background
+    return masks, 3
+
+
 def _binary_masks() -> tuple[np.ndarray, int]:
-    """datasets.md's recipe: (2, H, W) 0/1, two touching blobs in ch0 and one apart in ch1."""
-    masks = np.zeros((2, H, W), np.uint8)
+    """Channel 0 a 0/1 mask of two separate nuclei (not the described form), a class channel inside it."""
+    masks = np.zeros((3, H, W), np.uint8)
     masks[0, 4:12, 4:12] = 1
-    masks[0, 4:12, 12:20] = 1  # touches the first: one component
-    masks[1, 25:33, 30:38] = 1
+    masks[0, 25:33, 30:38] = 1
+    masks[1] = masks[0] * 2
     return masks, 2
-
-
-def _instance_masks() -> tuple[np.ndarray, int]:
-    """(2, H, W) instance ids: two touching nuclei in ch0 (kept apart), two in ch1 with ids 1, 2."""
-    masks = np.zeros((2, H, W), np.uint16)
-    masks[0, 4:12, 4:12] = 1
-    masks[0, 4:12, 12:20] = 2
-    masks[1, 25:33, 30:38] = 1
-    masks[1, 25:33, 4:12] = 2
-    return masks, 4
 
 
 def _write_pair(base: Path, stem: str, masks: np.ndarray | None, seed: int) -> np.ndarray:
@@ -47,14 +51,14 @@ def _write_pair(base: Path, stem: str, masks: np.ndarray | None, seed: int) -> n
 
 
 def _write_dataset(root: Path) -> dict[str, tuple[np.ndarray, int]]:
-    """{stem: (rgb, n_objects)} for fold1 (binary masks), fold2 (instance ids), fold3."""
+    """{stem: (rgb, n_objects)}: the published (3, H, W) masks, and one with a binary channel 0 (fold3)."""
     base = root / "IHC_TMA_dataset"
     written = {}
     for seed, (stem, (masks, count)) in enumerate(
         {
-            "fold1_0": _binary_masks(),
-            "fold1_1": _binary_masks(),
-            "fold2_0": _instance_masks(),
+            "fold1_0": _published_masks(),
+            "fold1_1": _published_masks(),
+            "fold2_0": _published_masks(),
             "fold3_0": _binary_masks(),
         }.items()
     ):
@@ -73,7 +77,7 @@ def test_find_items_lists_each_fold(tmp_path):
     assert all(i.subset == "" and i.split == "fold1" for i in ihc_tma.find_items(tmp_path, "fold1"))
 
 
-def test_load_binary_and_instance_masks(tmp_path):
+def test_load_published_and_binary_masks(tmp_path):
     written = _write_dataset(tmp_path)
     for split in ihc_tma.INFO.splits:
         for item in ihc_tma.find_items(tmp_path, split):
@@ -90,35 +94,40 @@ def test_the_dataset_folder_itself_is_accepted(tmp_path):
     _write_dataset(tmp_path)
     items = ihc_tma.find_items(tmp_path / "IHC_TMA_dataset", "fold2")
     assert [i.source for i in items] == ["images/fold2_0.png"]
-    assert ihc_tma.load(tmp_path / "IHC_TMA_dataset", items[0]).labels.max() == 4
+    assert ihc_tma.load(tmp_path / "IHC_TMA_dataset", items[0]).labels.max() == 11
 
 
-def test_instance_channels_keep_touching_nuclei_apart_and_offset_channel_1():
-    masks, _ = _instance_masks()
-    labels = nuclear_masks_to_instances(masks.astype(np.int64))
-    assert labels[5, 5] == 1 and labels[5, 15] == 2  # channel 0 ids as they are
-    assert labels[30, 35] == 3 and labels[30, 5] == 4  # channel 1 ids past channel 0's max
+def test_published_masks_give_channel_0_ids_and_never_class_channels():
+    masks, _ = _published_masks()
+    labels = masks_to_instances(masks)
+    np.testing.assert_array_equal(labels, masks[0])  # touching nuclei 3 and 8 stay apart
+    assert labels[22, 25] == 0  # channel 2 marks it; it is no object
 
 
-def test_single_valued_channel_beside_instance_ids_is_split_into_components():
-    masks = np.zeros((2, H, W), np.int64)
-    masks[0, 2:6, 2:6], masks[0, 2:6, 10:14] = 5, 9  # instance ids
-    masks[1, 20:24, 2:6] = masks[1, 20:24, 20:24] = 1  # 0/1 with two separate blobs
-    labels = nuclear_masks_to_instances(masks)
-    assert n_objects(labels) == 4
-
-
-def test_binary_channels_merge_by_union():
-    masks, _ = _binary_masks()
-    masks[1, 10:14, 16:18] = 1  # overlaps and touches channel 0's blobs
-    labels = nuclear_masks_to_instances(masks.astype(np.int64))
-    assert n_objects(labels) == 2
-
-
-def test_channels_last_masks_are_accepted(tmp_path):
+def test_binary_channel_0_is_split_into_components():
     masks, count = _binary_masks()
-    _write_pair(tmp_path / "IHC_TMA_dataset", "fold1_7", np.moveaxis(masks, 0, -1), 0)
+    labels = masks_to_instances(masks.astype(np.int64))
+    assert n_objects(labels) == count and labels[5, 5] != labels[30, 35]
+
+
+@pytest.mark.parametrize("ids", ["binary", "empty"])
+def test_other_channel_outside_a_non_id_channel_0_is_rejected_not_made_into_objects(ids):
+    masks, _ = _binary_masks()
+    if ids == "empty":
+        masks[0] = 0
+    masks[1, 36:39, 2:5] = 1  # 9 pixels where channel 0 is background
+    expected = 9 if ids == "binary" else 9 + 2 * 64
+    with pytest.raises(ItemError, match=rf"m.npy: channel 0 holds .*channel 1 marks {expected} pixels"):
+        masks_to_instances(masks.astype(np.int64), "m.npy")
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "one_plane"])
+def test_channels_last_and_single_plane_masks_are_accepted(tmp_path, layout):
+    masks, count = _published_masks()
+    stored = np.moveaxis(masks, 0, -1) if layout == "channels_last" else masks[0]
+    _write_pair(tmp_path / "IHC_TMA_dataset", "fold1_7", stored, 0)
     loaded = ihc_tma.load(tmp_path, ihc_tma.find_items(tmp_path, "fold1")[0])
+    np.testing.assert_array_equal(loaded.labels, masks[0])
     assert n_objects(loaded.labels) == count
 
 
@@ -130,7 +139,7 @@ def test_orphans_and_bad_files_are_listed_and_rejected_by_name(tmp_path):
     (base / "masks" / "fold1_1.npy").write_bytes(b"garbage")  # corrupt mask
     png = base / "images" / "fold1_0.png"
     png.write_bytes(png.read_bytes()[:60])  # truncated image
-    np.save(base / "masks" / "fold2_0.npy", np.zeros((1, H, W), np.uint8))  # one channel only
+    np.save(base / "masks" / "fold2_0.npy", np.zeros((3, H + 1, W), np.int64))  # not the image's size
     (base / "images" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (base / "images" / "._fold1_0.png").write_bytes(b"\0\5\26\7")
 
@@ -151,7 +160,7 @@ def test_orphans_and_bad_files_are_listed_and_rejected_by_name(tmp_path):
         ihc_tma.load(tmp_path, fold1[0])
     with pytest.raises(ValueError, match="fold1_1.npy: cannot read"):
         ihc_tma.load(tmp_path, fold1[1])
-    with pytest.raises(ValueError, match=r"fold2_0.npy: expected masks of shape \(C, H, W\) with C >= 2"):
+    with pytest.raises(ValueError, match=r"fold2_0.npy: expected masks of shape \(C, H, W\) \(published: \(3, H"):
         ihc_tma.load(tmp_path, ihc_tma.find_items(tmp_path, "fold2")[0])
 
 

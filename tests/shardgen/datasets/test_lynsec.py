@@ -1,4 +1,5 @@
-"""LyNSeC converter: fake 'lynsec 1/2/3' folders of (H, W, 4) arrays."""
+"""LyNSeC converter: fake 'lynsec 1/2/3' folders: (H, W, 5) arrays for _l1 / _l3 (RGB, instance
+ids, class) and (H, W, 4) for _l2, as the Zenodo record (8065174) describes the files."""
 
 from __future__ import annotations
 
@@ -15,14 +16,26 @@ from tests.shardgen.datasets.helpers import (
 SIDE = 64
 
 
-def _array(n_nuclei: int, seed: int, dtype=np.uint8) -> np.ndarray:
-    """(SIDE, SIDE, 4): random RGB, then ``n_nuclei`` square nuclei with ids 3, 6, 9, ..."""
+def _array(n_nuclei: int, seed: int, dtype=np.uint8, channels: int = 4) -> np.ndarray:
+    """(SIDE, SIDE, channels): random RGB, then ``n_nuclei`` square nuclei with ids 3, 6, 9, ... in
+    channel 3; with 5 channels, a class map in channel 4 (1 / 2 alternating over the nuclei, as
+    negative / positive or non-tumour / tumour) that also marks a stray block of background, so
+    that reading it as objects would show."""
     rng = np.random.default_rng(seed)
-    array = np.zeros((SIDE, SIDE, 4), dtype)
+    array = np.zeros((SIDE, SIDE, channels), dtype)
     array[:, :, :3] = rng.integers(0, 256, (SIDE, SIDE, 3))
     for k in range(n_nuclei):
         array[4 + 12 * k : 12 + 12 * k, 4:12, 3] = 3 * (k + 1)
+        if channels == 5:
+            array[4 + 12 * k : 12 + 12 * k, 4:12, 4] = 1 + k % 2
+    if channels == 5:
+        array[50:60, 40:60, 4] = 2
     return array
+
+
+def _channels(rel: str) -> int:
+    """5 for *_l1.npy and *_l3.npy, 4 for *_l2.npy (the Zenodo record)."""
+    return 4 if rel.endswith("_l2.npy") else 5
 
 
 FILES = {  # path -> number of nuclei
@@ -40,7 +53,7 @@ def _write_dataset(root: Path, dtype=np.uint8) -> dict[str, np.ndarray]:
     arrays = {}
     for seed, (rel, n_nuclei) in enumerate(FILES.items()):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        arrays[rel] = _array(n_nuclei, seed, dtype)
+        arrays[rel] = _array(n_nuclei, seed, dtype, _channels(rel))
         np.save(root / rel, arrays[rel])
     # archive debris, not data
     (root / "lynsec 1" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
@@ -68,8 +81,9 @@ def test_load_splits_rgb_and_labels_and_sets_modality(tmp_path):
         array = arrays[item.source]
         assert loaded.image.dtype == np.uint8 and loaded.image.shape == (SIDE, SIDE, 3)
         assert np.array_equal(loaded.image, array[:, :, :3])
-        assert np.array_equal(loaded.labels, array[:, :, 3])
+        assert np.array_equal(loaded.labels, array[:, :, 3])  # never the class map of channel 4
         assert n_objects(loaded.labels) == FILES[item.source]
+        assert array.shape[2] == _channels(item.source)
         assert loaded.modality == ("ihc" if item.source.startswith("lynsec 1/") else "he")
         loaded_sources.append(item.source)
     assert len(loaded_sources) == len(FILES) - 2
@@ -115,7 +129,7 @@ def test_corrupt_truncated_and_misshapen_files_are_rejected_by_name(tmp_path):
     assert_load_errors(lynsec.load, tmp_path, items, {
         "lynsec 1/0_l1.npy": "lynsec 1/0_l1.npy: cannot read",
         "lynsec 3/2_l3.npy": "lynsec 3/2_l3.npy: cannot read",
-        "lynsec 3/10_l3.npy": r"lynsec 3/10_l3.npy: expected \(H, W, C\) with C >= 4",
+        "lynsec 3/10_l3.npy": r"lynsec 3/10_l3.npy: expected \(H, W, 5\) \(RGB, instance ids, class\) or \(H, W, 4\)",
     })
 
 

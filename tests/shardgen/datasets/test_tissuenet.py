@@ -112,11 +112,25 @@ def test_whole_number_images_stay_as_stored(tmp_path):
     assert np.array_equal(loaded.image, images[1][:, :, ::-1].astype(np.uint8))
 
 
-def test_version_subfolder_is_accepted(tmp_path):
-    _write_dataset(tmp_path / "tissuenet_v1.1")
+@pytest.mark.parametrize(("folder", "version", "name"), [
+    ("tissuenet_v1.1", "v1.1", "tissuenet_v1.1_val.npz"),
+    # deepcell-tf's TissueNet downloads tissuenet_v1-1.zip / tissuenet_1-0.zip and reads
+    # <zip name without .zip>/{split}.npz (deepcell/datasets/dataset.py, tissue_net.py).
+    ("tissuenet_v1-1", "plain", "val.npz"),
+    ("tissuenet_1-0", "plain", "val.npz"),
+])
+def test_version_and_deepcell_wrapper_folders_are_accepted(tmp_path, folder, version, name):
+    _write_dataset(tmp_path / folder, version)
     items = tissuenet.find_items(tmp_path, "val")
-    assert items[0].source == "tissuenet_v1.1/tissuenet_v1.1_val.npz[0]"
+    assert [item.source for item in items] == [f"{folder}/{name}[0]", f"{folder}/{name}[1]"]
     assert tissuenet.load(tmp_path, items[0]).labels.shape == (32, 32)
+
+
+def test_both_deepcell_versions_side_by_side_raise(tmp_path):
+    _write_dataset(tmp_path / "tissuenet_v1-1", "plain")
+    _write_dataset(tmp_path / "tissuenet_1-0", "plain")
+    with pytest.raises(LayoutError, match="tissuenet_v1-1/train.npz.*tissuenet_1-0/train.npz.*one version"):
+        tissuenet.find_items(tmp_path, "train")
 
 
 def test_two_versions_of_one_split_raise(tmp_path):
