@@ -1,4 +1,4 @@
-"""Speed and agreement of ``infer.dynamics.flows_to_masks`` against Cellpose 4's ``compute_masks``.
+"""Speed and agreement of ``pipeline.dynamics.flows_to_masks`` against Cellpose 4's ``compute_masks``.
 
     python -m benchmarks.bench_masks [--repeats 5] [--reference-repeats 3] [--sizes 512 2048]
                                      [--noise 0.5] [--flow-threshold 0.4]
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import CASES, cpu_description, median_seconds, tiled_real_labels
-from infer.dynamics import flows_to_masks
+from pipeline.dynamics import flows_to_masks
 from pipeline.flows import masks_to_flows
 from pipeline.metrics import average_precision
 

@@ -51,6 +51,17 @@ def make_shards(folder: Path, n_train: int) -> Path:
     return out
 
 
+def run_trainer(config: Path, nproc: int, overrides: list[str], run_dir: Path) -> list[dict]:
+    """``torchrun --standalone --nproc_per_node=nproc train/main.py --config config overrides...``
+    (``run_dir=`` among the overrides); the records of its metrics.jsonl. Exits on failure."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(REPO / "train" / "main.py"), "--config", str(config), *overrides]
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=python_path()))
+    if result.returncode != 0:
+        sys.exit(f"training failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "tiny-cpu.yaml")
@@ -67,12 +78,7 @@ def main() -> None:
         log_every = max(1, args.steps // 8)
         overrides = [f"data.root={shards}", f"run_dir={run_dir}", f"loop.max_steps={args.steps}",
                      f"loop.log_every={log_every}", "loop.val_every=0", "checkpoint.every=100000", *args.overrides]
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                   str(REPO / "train" / "main.py"), "--config", str(args.config), *overrides]
-        result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=python_path()))
-        if result.returncode != 0:
-            sys.exit(f"training failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        records = run_trainer(args.config, args.nproc, overrides, run_dir)
 
     windows = [r for r in records if "images_per_s_per_device" in r][1:]  # the first window holds start-up
     cfg = load_config(args.config, overrides)

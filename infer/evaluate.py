@@ -46,7 +46,7 @@ from infer.outputs import MASKS_SUFFIX
 from pipeline.io import SUPPORTED_SUFFIXES, read_labels
 from pipeline.metrics import average_precision, error_rate
 
-__all__ = ["Pairing", "evaluate", "main", "pair_files", "pairing_key"]
+__all__ = ["Pairing", "evaluate", "main", "mean_row", "pair_files", "pairing_key", "score_masks"]
 
 DEFAULT_THRESHOLDS = (0.5, 0.75, 0.9)
 # Label-file suffixes in order of preference, and image-name suffixes stripped after them.
@@ -172,19 +172,29 @@ def evaluate(
                     f"shapes differ: true {masks_true.shape}, pred {masks_pred.shape}; predict on "
                     "the same image at its full size"
                 )
-            ap, tp, fp, fn = average_precision(masks_true, masks_pred, thresholds)
-            errors, _ = error_rate(masks_true, masks_pred, 0.5)
+            rows.append(row | score_masks(masks_true, masks_pred, thresholds))
         except (ValueError, TypeError, OSError) as error:
             rows.append({**row, "status": "failed", "error": " ".join(str(error).split())})
-            continue
-        tp, fp, fn = int(tp[0, 0]), int(fp[0, 0]), int(fn[0, 0])  # at the first threshold
-        row |= {"status": "ok", "n_true": tp + fn, "n_pred": tp + fp}
-        row |= {f"ap@{t:g}": float(ap[0, k]) for k, t in enumerate(thresholds)}
-        first = f"{thresholds[0]:g}"
-        row |= {f"tp@{first}": tp, f"fp@{first}": fp, f"fn@{first}": fn}
-        row["error_rate@0.5"] = float(errors[0])
-        rows.append(row)
     return rows
+
+
+def score_masks(
+    masks_true: np.ndarray, masks_pred: np.ndarray, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
+) -> dict:
+    """One image's scores: status "ok", n_true, n_pred, ap@t per threshold, tp/fp/fn at the
+    first threshold and error_rate@0.5 (NaN AP without any object, NaN error without true ones).
+
+    The one definition of a per-image row, shared with ``infer.benchmark``.
+    """
+    ap, tp, fp, fn = average_precision(masks_true, masks_pred, thresholds)
+    errors, _ = error_rate(masks_true, masks_pred, 0.5)
+    tp, fp, fn = int(tp[0, 0]), int(fp[0, 0]), int(fn[0, 0])  # at the first threshold
+    row = {"status": "ok", "n_true": tp + fn, "n_pred": tp + fp}
+    row |= {f"ap@{t:g}": float(ap[0, k]) for k, t in enumerate(thresholds)}
+    first = f"{thresholds[0]:g}"
+    row |= {f"tp@{first}": tp, f"fp@{first}": fp, f"fn@{first}": fn}
+    row["error_rate@0.5"] = float(errors[0])
+    return row
 
 
 def mean_row(rows: Sequence[dict], thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> dict:

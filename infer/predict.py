@@ -28,7 +28,7 @@
    ``1 / (1 + exp((|i - centre| - (256/2 - 20)) / 7.5))`` (:func:`taper_weights`, Cellpose's
    ``_taper_mask``); the map is the weighted sum over the summed weights. The padding is cropped
    and, after a rescale, the output resized back to (H, W) bilinearly.
-8. **Masks** from ``infer.dynamics.flows_to_masks`` with ``niter = int(200 / r)`` unless given
+8. **Masks** from ``pipeline.dynamics.flows_to_masks`` with ``niter = int(200 / r)`` unless given
    (Cellpose's rule: a shrunk image's flows are followed further at full size).
 
 **Estimated diameter** (``diameter="auto"``, not in Cellpose 4, which dropped the size model of
@@ -73,7 +73,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from infer.dynamics import flows_to_masks
+from pipeline.dynamics import flows_to_masks
 from pipeline.io import normalize_percentile
 from pipeline.model import DIAMETER_MEAN, ModelConfig, from_cellpose, set_bias_as_mask
 from pipeline.shards import cellpose_diameter

@@ -6,7 +6,7 @@ assert the two agree; the diffusion arithmetic is written in the same order in b
 agree to the last bit, which keeps the comparison meaningful even at a symmetric object's centre
 where the gradient is a difference of two nearly equal numbers.
 
-Every kernel releases the GIL (``nogil``): the flow-error check of ``infer.dynamics`` recomputes
+Every kernel releases the GIL (``nogil``): the flow-error check of ``pipeline.dynamics`` recomputes
 flows here from a worker thread that runs beside the network (``infer.predict.predict_stream``).
 """
 

@@ -526,3 +526,46 @@ def _sum_aji_pixels(pairs: _ObjectPairs) -> tuple[int, int]:
         + pairs.pred_areas[1:][~used[1:]].sum()
     )
     return int(intersection), int(union)
+
+
+def remove_ignored_masks(masks: np.ndarray, ignore: np.ndarray | None, fraction: float = 0.5) -> np.ndarray:
+    """``masks`` without the masks that lie mostly in a don't-care region, before scoring.
+
+    Parameters
+    ----------
+    masks : ndarray of int, (Y, X) or (Z, Y, X)
+        Predicted labels, 0 = background.
+    ignore : ndarray of bool, same shape, or None
+        True where the annotation is "don't care" (a sample's ignore mask, pipeline.shards).
+    fraction : float, default 0.5
+        A mask with more than this fraction of its pixels in ``ignore`` is removed (set to 0).
+
+    Returns
+    -------
+    ndarray, same shape and dtype
+        ``masks`` itself when nothing is removed, else a copy. The other ids are kept as they are.
+
+    Notes
+    -----
+    Training leaves the ignored pixels out of the loss, so an object found there is neither right
+    nor wrong; counting it as a false positive would penalise the model for what it was never
+    taught. Masks only partly inside keep counting.
+
+    Examples
+    --------
+    >>> masks = np.array([[1, 1, 2, 2]], dtype=np.uint16)
+    >>> remove_ignored_masks(masks, np.array([[False, True, True, True]]))
+    array([[1, 1, 0, 0]], dtype=uint16)
+    """
+    if ignore is None or not ignore.any():
+        return masks
+    if ignore.shape != masks.shape:
+        raise ValueError(f"ignore must have the masks' shape {masks.shape}; got {ignore.shape}")
+    flat = masks.ravel().astype(np.int64)
+    areas = np.bincount(flat)
+    inside = np.bincount(flat[ignore.ravel()], minlength=areas.size)
+    dropped = np.flatnonzero(inside > fraction * areas)
+    dropped = dropped[dropped > 0]
+    if dropped.size == 0:
+        return masks
+    return np.where(np.isin(masks, dropped), 0, masks).astype(masks.dtype)

@@ -23,10 +23,14 @@ import json
 import math
 import re
 import struct
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
 import zstandard
 
 # Member suffixes of one sample inside a shard.
@@ -295,3 +299,82 @@ def decode_sample(
     except Exception as error:  # zstd, npy and json errors all mean the same thing here
         raise ValueError(f"sample {key!r} does not decode: {type(error).__name__}: {error}") from error
     return image, labels, flows, meta, ignore
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading a shard root (for evaluation: every sample of a split once, in order)
+# ------------------------------------------------------------------------------------------------
+
+
+def read_manifest(
+    root: str | Path, *, splits: Sequence[str] | None = None, datasets: Sequence[str] | None = None
+) -> list[dict]:
+    """The rows of ``<root>/manifest.parquet`` (:data:`MANIFEST_SCHEMA`), in the manifest's order.
+
+    ``splits`` and ``datasets`` keep only the rows whose split / dataset is listed (None: all).
+    Raises FileNotFoundError when ``root`` is not a finished shardgen root.
+    """
+    root = Path(root)
+    path = root / MANIFEST_FILE
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"shard root {root} does not exist; build shards first (python -m shardgen --dataset NAME "
+            f"--src DIR --out {root}, or make shards)"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; {root} is not a finished shardgen root (rerun python -m shardgen)")
+    rows = pq.read_table(path).to_pylist()
+    return [
+        row for row in rows
+        if (splits is None or row["split"] in splits) and (datasets is None or row["dataset"] in datasets)
+    ]
+
+
+Sample = tuple[np.ndarray, np.ndarray, np.ndarray, SampleMeta, "np.ndarray | None"]
+
+
+def iter_samples(root: str | Path, rows: Iterable[dict]) -> Iterator[tuple[dict, Sample | ValueError]]:
+    """``(row, sample)`` for each manifest row, the sample as :func:`decode_sample` gives it.
+
+    Each shard named by ``rows`` is read once, front to back, in the order the rows first name
+    it, and its samples come out in the order they lie in the tar (the members of other samples
+    are skipped unread). A sample that is missing from its shard, does not decode, or fails the
+    structural checks of :func:`sample_problems` comes as a ValueError naming the shard and the
+    key in its place, after the shard's other samples; so does every sample of a missing or
+    damaged shard.
+    """
+    root = Path(root)
+    by_shard: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_shard.setdefault(row["shard"], {})[row["key"]] = row
+    for shard, wanted in by_shard.items():
+        yield from _shard_samples(root / shard, dict(wanted))
+
+
+def _shard_samples(path: Path, wanted: dict[str, dict]) -> Iterator[tuple[dict, Sample | ValueError]]:
+    """The wanted samples of one tar (key -> row), then an error for each one not found."""
+    damaged: list[str] = []
+
+    def handler(error: Exception) -> bool:
+        damaged.append(f"{type(error).__name__}: {error}")
+        return False  # after a damaged header the rest of the tar cannot be trusted
+
+    if path.is_file():
+        select = lambda name: name.rsplit("/", 1)[-1].split(".", 1)[0] in wanted  # noqa: E731
+        for raw in wds.tarfile_samples([dict(url=str(path))], handler=handler, select_files=select):
+            row = wanted.pop(raw["__key__"], None)
+            if row is None:
+                continue  # a second copy of a key already read
+            try:
+                sample = decode_sample(raw)
+                problems = sample_problems(*sample, key=row["key"])  # the structural checks
+                if problems:
+                    raise ValueError("; ".join(problems))
+            except ValueError as error:
+                yield row, ValueError(f"{path}: sample {row['key']!r}: {error}")
+                continue
+            yield row, sample
+    why = "the shard is missing" if not path.is_file() else (
+        f"the tar is damaged ({damaged[0]})" if damaged else "not in the tar, though the manifest lists it")
+    for key, row in wanted.items():
+        yield row, ValueError(f"{path}: sample {key!r}: {why}; check the root with python -m shardgen verify")

@@ -2,7 +2,7 @@
 check share.
 
 Training and inference are started as subprocesses (``torchrun ... train/main.py``, ``python -m
-infer``, ``python -m infer.evaluate``) so that these scripts exercise the same entry points as
+infer``, ``python -m infer.benchmark``) so that these scripts exercise the same entry points as
 the README, and their output goes to a log file per command under the run's folder.
 """
 
@@ -13,6 +13,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from pipeline.io import write_image
+from pipeline.shards import iter_samples, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,14 +61,32 @@ def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {name: values for name, values in found.items() if values}
 
 
-def infer_and_evaluate(images: Path, truth: Path, checkpoint: Path, out: Path, extra: tuple[str, ...] = ()) -> list[dict]:
-    """``python -m infer`` on ``images`` into ``out/predictions`` (with outline overlays), then
-    ``python -m infer.evaluate`` against ``truth``; returns the evaluation rows (the last one
-    has ``pred == "mean"``)."""
+def infer(images: Path, checkpoint: Path, out: Path, extra: tuple[str, ...] = ()) -> Path:
+    """``python -m infer`` on ``images`` into ``out/predictions``, with the outline overlays users
+    look at; returns that folder (its summary.csv has the diameter each image was rescaled by)."""
     predictions = out / "predictions"
     run([sys.executable, "-m", "infer", str(images), "--checkpoint", str(checkpoint), "--out", str(predictions),
          "--overwrite", "--save-outlines", *extra], out / "infer.log")
-    evaluation = out / "evaluation.csv"
-    run([sys.executable, "-m", "infer.evaluate", "--true", str(truth), "--pred", str(predictions),
-         "--csv", str(evaluation)], out / "evaluate.log")
-    return list(csv.DictReader(evaluation.open()))
+    return predictions
+
+
+def benchmark(shards: Path, checkpoint: Path, out: Path, extra: tuple[str, ...] = ()) -> tuple[dict, list[dict]]:
+    """``python -m infer.benchmark`` on the shard root's samples into ``out`` (``--split`` and
+    ``--diameter`` in ``extra``): the table (``benchmark.json``) and the per-image rows
+    (``images.csv``). The markdown table is ``out/benchmark.md``."""
+    run([sys.executable, "-m", "infer.benchmark", "--shards", str(shards), "--checkpoint", str(checkpoint),
+         "--out", str(out), *extra], out.parent / f"{out.name}.log")
+    table = json.loads((out / "benchmark.json").read_text())
+    return table, list(csv.DictReader((out / "images.csv").open()))
+
+
+def export_images(shards: Path, split: str, folder: Path, name: str = "key") -> Path:
+    """The images of a shard root's ``split`` as TIFFs ``<folder>/<row[name]>.tif`` (``name`` a
+    manifest column: key, or source where sources are plain file names), for ``python -m infer``;
+    returns ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for row, sample in iter_samples(shards, read_manifest(shards, splits=[split])):
+        if isinstance(sample, ValueError):
+            sys.exit(f"{split} sample unreadable: {sample}")
+        write_image(folder / f"{row[name]}.tif", sample[0])
+    return folder

@@ -10,11 +10,12 @@
    tiny encoder of the paper's structure, 1200 steps (about 6 minutes on 2 cores; stopped
    early, with a checkpoint, at ``--minutes``), exporting ``<out>/run/model_cellpose.pt`` in
    Cellpose's layout;
-3. the held-out test split, never trained on, written as TIFFs (``<out>/test/images``, true
-   labels in ``<out>/test/labels``), then ``python -m infer`` on it with the exported model
-   (masks, outline overlays: ``<out>/predictions``);
-4. ``python -m infer.evaluate`` against the true labels (``<out>/evaluation.csv``), printed per
-   kind of image;
+3. ``python -m infer.benchmark`` on the held-out test split in the shards, never trained on
+   (``<out>/benchmark``: the paper's table, benchmark.{md,csv,json}, and the per-image scores,
+   images.csv), printed, and per kind of image (``<out>/summary.csv``);
+4. the test images written as TIFFs (``<out>/test/images``) and ``python -m infer`` on them with
+   the exported model: masks and outline overlays to open in Fiji or napari
+   (``<out>/predictions``);
 5. ``<out>/demo.png``: one test image of each kind with the predicted outlines, and the loss
    curves.
 
@@ -35,14 +36,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-import webdataset as wds
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from chain import curves, infer_and_evaluate, train  # noqa: E402
+from chain import benchmark, curves, export_images, infer, train  # noqa: E402
 from figure import render_figure  # noqa: E402
-from pipeline.io import read_image, write_image, write_labels  # noqa: E402
-from pipeline.shards import decode_sample  # noqa: E402
+from pipeline.io import read_image  # noqa: E402
 from pipeline.synthetic import KINDS  # noqa: E402
 from shardgen.build import BuildConfig, build_dataset  # noqa: E402
 from shardgen.verify import verify  # noqa: E402
@@ -66,33 +64,25 @@ def make_shards(out: Path, n_train: int, n_test: int, kinds: list[str], workers:
     return shards
 
 
-def export_test_split(shards: Path, out: Path) -> dict[str, str]:
-    """The test split as image TIFFs and true-label TIFFs; returns {name: kind of image}."""
-    images, labels = out / "test" / "images", out / "test" / "labels"
-    images.mkdir(parents=True, exist_ok=True)
-    labels.mkdir(parents=True, exist_ok=True)
-    urls = sorted(str(p) for p in (shards / "synthetic").glob("synthetic-test-*.tar"))
-    kinds = {}
-    for raw in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        image, truth, _, meta, _ = decode_sample(raw)
-        write_image(images / f"{meta.key}.tif", image)
-        write_labels(labels / f"{meta.key}_masks.tif", truth)
-        kinds[meta.key] = meta.source.split("_")[-1]
-    return kinds
+def kind_of(row: dict) -> str:
+    """The kind of a synthetic image: the end of its source (``test/00003_nuclei``)."""
+    return row["source"].split("_")[-1]
 
 
-def summarise(rows: list[dict], kinds: dict[str, str]) -> dict[str, dict]:
-    """Mean AP and error rate per kind of image and over all, from the evaluation rows."""
+def summarise(rows: list[dict]) -> dict[str, dict]:
+    """Mean AP and error rate per kind of image and over all, from the benchmark's image rows
+    (as the benchmark averages: AP over images with any object, the error rate over images with
+    true ones)."""
     by_kind = defaultdict(list)
     for row in rows:
-        if row["pred"] != "mean" and row["status"] == "ok":
-            by_kind[kinds[Path(row["true"]).name.removesuffix("_masks.tif")]].append(row)
+        if row["status"] == "ok":
+            by_kind[kind_of(row)].append(row)
     by_kind["all"] = [row for group in list(by_kind.values()) for row in group]
     columns = ("ap@0.5", "ap@0.75", "ap@0.9", "error_rate@0.5")
     return {
         kind: dict(images=len(group), cells=sum(int(r["n_true"]) for r in group),
                    found=sum(int(r["n_pred"]) for r in group),
-                   **{c: float(np.mean([float(r[c]) for r in group])) for c in columns})
+                   **{c: float(np.nanmean([float(r[c]) for r in group])) for c in columns})
         for kind, group in by_kind.items()
     }
 
@@ -106,10 +96,11 @@ def print_summary(summary: dict[str, dict]) -> None:
               f"{s['ap@0.9']:>8.3f}{s['error_rate@0.5']:>9.3f}")
 
 
-def figure(out: Path, rows: list[dict], kinds: dict[str, str], run_dir: Path, title: str) -> Path:
+def figure(out: Path, rows: list[dict], run_dir: Path, title: str) -> Path:
     """Test images with their predicted outlines (infer's overlay PNGs): the first of each kind,
     then the next ones up to ``PANELS``; and the loss curves."""
-    ap = {Path(r["true"]).name.removesuffix("_masks.tif"): float(r["ap@0.5"]) for r in rows if r["pred"] != "mean"}
+    ap = {r["key"]: float(r["ap@0.5"]) for r in rows if r["status"] == "ok"}
+    kinds = {r["key"]: kind_of(r) for r in rows}
     first_of_kind = {kinds[name]: name for name in sorted(kinds, reverse=True)}
     names = sorted(first_of_kind.values()) + sorted(set(kinds) - set(first_of_kind.values()))
     panels = []
@@ -140,9 +131,12 @@ def main(argv=None) -> int:
     shards = make_shards(out, args.n_train, args.n_test, args.kinds, workers=args.nproc)
     run_dir = out / "run"
     minutes = train(shards, run_dir, args.minutes, args.nproc, args.overrides, out / "train.log", config="demo.yaml")
-    kinds = export_test_split(shards, out)
-    rows = infer_and_evaluate(out / "test" / "images", out / "test" / "labels", run_dir / "model_cellpose.pt", out)
-    summary = summarise(rows, kinds)
+    checkpoint = run_dir / "model_cellpose.pt"
+    # The table from the shards' test split (as trained: at the images' own scale), then the
+    # masks and overlays of the same images as files.
+    _, rows = benchmark(shards, checkpoint, out / "benchmark", ("--diameter", "none"))
+    infer(export_images(shards, "test", out / "test" / "images"), checkpoint, out)
+    summary = summarise(rows)
     with (out / "summary.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["kind", *next(iter(summary.values()))])
         writer.writeheader()
@@ -151,10 +145,12 @@ def main(argv=None) -> int:
     steps = json.loads((run_dir / "model_cellpose.json").read_text())["step"]
     title = (f"tiny CP-SAM from random weights, {minutes:.1f} min / {steps} steps on {args.nproc} CPU processes; "
              f"held-out synthetic images, AP@0.5 {summary['all']['ap@0.5']:.2f} (red: predicted outlines)")
-    path = figure(out, rows, kinds, run_dir, title)
+    path = figure(out, rows, run_dir, title)
     print()
+    print((out / "benchmark" / "benchmark.md").read_text())
     print_summary(summary)
-    print(f"\nfigure: {path}\nmasks, overlays and per-image scores: {out / 'predictions'}, {out / 'evaluation.csv'}"
+    print(f"\nfigure: {path}\nmasks and overlays: {out / 'predictions'}\n"
+          f"table and per-image scores: {out / 'benchmark'} (benchmark.md, benchmark.json, images.csv)"
           f"\nmodel (Cellpose layout): {run_dir / 'model_cellpose.pt'}   total {(time.time() - start) / 60:.1f} min")
     return 0
 

@@ -7,11 +7,13 @@
 2. ``torchrun --nproc_per_node=N train/main.py --config configs/learn-check.yaml`` (the tiny
    model, a fixed number of steps: 25-28 minutes on 2 cores), stopped early at ``--minutes``
    (with a checkpoint and the export) if the machine is slower.
-3. ``python -m infer --diameter auto`` on the held-out DSB images (one image per appearance
-   group from dsb2018/manifest.csv and a fixed share of the rest, never seen in training), then
-   ``python -m infer.evaluate`` against their labels; the same at the images' own scale (no
-   diameter) for comparison.
-4. Prints AP@0.5/0.75/0.9 and the loss curve, and writes ``<out>/learn_check.json``,
+3. The held-out DSB images (one image per appearance group from dsb2018/manifest.csv and a
+   fixed share of the rest, never seen in training) as a shard root of their own
+   (``<out>/held_out_shards``), then ``python -m infer.benchmark --diameter auto`` on it (the
+   table: ``<out>/benchmark``); the same at the images' own scale (``--diameter none``,
+   ``<out>/native_scale``) for comparison. ``python -m infer --diameter auto`` on the same images
+   as files gives the masks and outlines of the figure (``<out>/predictions``).
+4. Prints the table, AP@0.5/0.75/0.9 and the loss curve, and writes ``<out>/learn_check.json``,
    ``<out>/loss_curve.csv`` and ``<out>/learn_check.png`` (the four held-out images with the most
    nuclei, predicted outlines, loss curves). Goal (issue 4): AP@0.5 >= 0.6 on the held-out DSB
    nuclei; the exit code is 1 below it. Runs and results: docs/BENCHMARKS.md.
@@ -30,12 +32,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from chain import REPO, curves, infer_and_evaluate, train  # noqa: E402
+from chain import REPO, benchmark, curves, export_images, infer, train  # noqa: E402
 from figure import render_figure  # noqa: E402
-from pipeline.io import read_image, read_labels, write_image, write_labels  # noqa: E402
-from pipeline.shards import cellpose_diameter  # noqa: E402
+from pipeline.io import read_image  # noqa: E402
 from shardgen.build import BuildConfig, build_dataset, finalize  # noqa: E402
-from shardgen.datasets import instance_pngs  # noqa: E402
 
 SHARED = Path(os.environ.get("CPSAM_SHARED_DATA", REPO.parent / "shared" / "data"))
 HELD_OUT_FRACTION = 0.25
@@ -44,6 +44,8 @@ WEIGHTS = {"instance_pngs": 0.85, "synthetic": 0.1, "cyto2": 0.05}
 # Inference: each image's diameter estimated from a first run at its own scale, then rescaled to
 # 30 px (the tiny model is trained on a narrow range of sizes around 30; docs/BENCHMARKS.md).
 INFER_OPTIONS = ("--diameter", "auto")
+# The held-out images' shard root has the converter's only split (instance_pngs: "all").
+HELD_OUT_SPLIT = ("--split", "all")
 
 
 def appearance_groups(root: Path) -> dict[str, str]:
@@ -63,22 +65,20 @@ def split_dsb(root: Path) -> tuple[list[str], list[str]]:
 
 
 def ap_by_group(rows: list[dict], groups: dict[str, str]) -> dict[str, dict]:
-    """Mean AP@0.5 and image count per appearance group, from the evaluation rows."""
+    """Mean AP@0.5 and image count per appearance group, from the benchmark's image rows (the
+    source of a DSB sample is its image id)."""
     scores: dict[str, list[float]] = {}
     for row in rows:
-        if row["pred"] != "mean":
-            scores.setdefault(groups[Path(row["pred"]).name.removesuffix("_masks.tif")], []).append(float(row["ap@0.5"]))
+        if row["status"] == "ok":
+            scores.setdefault(groups[row["source"]], []).append(float(row["ap@0.5"]))
     return {group: {"images": len(v), "ap50": round(float(np.mean(v)), 4)} for group, v in sorted(scores.items())}
 
 
-def diameters(summary: Path, truth: Path) -> dict[str, dict]:
-    """Per held-out image: the diameter ``--diameter auto`` estimated and the labels' own."""
-    found = {}
-    for row in csv.DictReader(summary.open()):
-        stem = Path(row["file"]).stem
-        true = cellpose_diameter(read_labels(truth / f"{stem}_masks.tif"))
-        found[stem[:8]] = {"estimated": float(row["diameter"]) if row["diameter"] else None, "true": round(true, 2)}
-    return found
+def diameters(rows: list[dict]) -> dict[str, dict]:
+    """Per held-out image (id shortened to 8 characters): the diameter ``--diameter auto``
+    estimated and the labels' own, from the benchmark's image rows."""
+    return {row["source"][:8]: {"estimated": float(row["diameter"]) if row["diameter"] else None,
+                                "true": float(row["true_diameter"])} for row in rows}
 
 
 def link_tree(ids: list[str], source: Path, target: Path) -> Path:
@@ -147,49 +147,47 @@ def main() -> int:
     train_minutes = train(shards, run_dir, args.minutes, args.nproc, args.overrides, out / "train.log",
                           config="learn-check.yaml")
 
-    # 3. Inference on the held-out DSB images, then evaluation against their labels.
-    images, truth = out / "held_out" / "images", out / "held_out" / "labels"
-    images.mkdir(parents=True, exist_ok=True)
-    truth.mkdir(parents=True, exist_ok=True)
-    held = set(held_ids)
-    for item in instance_pngs.find_items(dsb / "stage1_train", "all"):
-        if item.source in held:
-            loaded = instance_pngs.load(dsb / "stage1_train", item)
-            write_image(images / f"{item.source}.tif", loaded.image)
-            write_labels(truth / f"{item.source}_masks.tif", loaded.labels)
-    rows = infer_and_evaluate(images, truth, run_dir / "model_cellpose.pt", out, INFER_OPTIONS)
-    native = infer_and_evaluate(images, truth, run_dir / "model_cellpose.pt", out / "native_scale")
+    # 3. The held-out DSB images as shards of their own, the table from them (estimated diameter,
+    #    and at the images' own scale), then the masks and outlines of the figure as files.
+    held_root = out / "held_out_shards"
+    dsb_held = link_tree(held_ids, dsb / "stage1_train", out / "sources" / "dsb_held_out")
+    build_dataset("instance_pngs", dsb_held, held_root, config=config)
+    checkpoint = run_dir / "model_cellpose.pt"
+    table, rows = benchmark(held_root, checkpoint, out / "benchmark", (*HELD_OUT_SPLIT, *INFER_OPTIONS))
+    native_table, native = benchmark(held_root, checkpoint, out / "native_scale", (*HELD_OUT_SPLIT, "--diameter", "none"))
+    infer(export_images(held_root, "all", out / "held_out" / "images", name="source"), checkpoint, out, INFER_OPTIONS)
 
     # 4. Report: numbers, the loss curve as CSV, and a figure.
-    mean = next(r for r in rows if r["pred"] == "mean")
+    mean = table["overall"]
     curve = curves(run_dir)
     train_curve = curve.get("train loss", [])
     with (out / "loss_curve.csv").open("w") as f:
         f.write("step,loss\n" + "".join(f"{s},{v:.5f}\n" for s, v in train_curve))
     result = {
         "held_out_images": len(held_ids), "train_dsb_images": len(train_ids), "train_minutes": round(train_minutes, 1),
-        "steps": train_curve[-1][0] if train_curve else 0, "ap50": float(mean["ap@0.5"]),
-        "ap75": float(mean["ap@0.75"]), "ap90": float(mean["ap@0.9"]), "error_rate": float(mean["error_rate@0.5"]),
+        "steps": train_curve[-1][0] if train_curve else 0, "ap50": mean["ap50"],
+        "ap75": mean["ap75"], "ap90": mean["ap90"], "error_rate": mean["error50"],
         "ap50_by_group": ap_by_group(rows, appearance_groups(dsb)), "goal_ap50": 0.6,
-        "inference": " ".join(INFER_OPTIONS), "diameters": diameters(out / "predictions" / "summary.csv", truth),
-        "ap50_native_scale": float(next(r for r in native if r["pred"] == "mean")["ap@0.5"]),
+        "inference": " ".join(INFER_OPTIONS), "diameters": diameters(rows),
+        "ap50_native_scale": native_table["overall"]["ap50"],
         "ap50_by_group_native_scale": ap_by_group(native, appearance_groups(dsb)),
         "loss_first": train_curve[0][1] if train_curve else None,
         "loss_last": float(np.mean([v for _, v in train_curve[-5:]])) if train_curve else None,
         "validation_loss": curve.get("validation loss", []), "overrides": args.overrides,
     }
     (out / "learn_check.json").write_text(json.dumps(result, indent=1))
-    scored = sorted((r for r in rows if r["pred"] != "mean"), key=lambda r: -int(r["n_true"]))[:4]
+    scored = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: -int(r["n_true"]))[:4]
     panels = [(f"{int(r['n_true'])} nuclei: AP@0.5 {float(r['ap@0.5']):.2f}",
-               read_image(out / "predictions" / Path(r["pred"]).name.replace("_masks.tif", "_outlines.png"))[..., :3])
+               read_image(out / "predictions" / f"{r['source']}_outlines.png")[..., :3])
               for r in scored]
     title = (f"learning check: tiny CP-SAM, {train_minutes:.0f} min on {args.nproc} CPU processes; "
              f"{len(held_ids)} held-out DSB images, AP@0.5 {result['ap50']:.2f} (goal 0.6)")
     Image.fromarray(render_figure(panels, curve, title)).save(out / "learn_check.png")
+    print((out / "benchmark" / "benchmark.md").read_text())
     print("loss curve (step: loss):", ", ".join(f"{s}: {v:.2f}" for s, v in train_curve[:: max(1, len(train_curve) // 12)]))
     print(json.dumps({k: v for k, v in result.items() if k != "validation_loss"}))
     print(f"figure: {out / 'learn_check.png'}")
-    return 0 if result["ap50"] >= 0.6 else 1
+    return 0 if (result["ap50"] or 0.0) >= 0.6 else 1  # None: no image had an object
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ _PREFIX = "step_"
 # Options a relaunch may change without becoming another run: how the run is executed, logged
 # and stored, not what it computes (prefixes of the dotted names).
 RESUMABLE_CHANGES = (
-    "run_dir", "checkpoint.", "parallel.", "loop.max_steps", "loop.max_minutes", "loop.log_every",
-    "loop.val_every", "loop.val_batches", "loop.peak_tflops", "data.root", "data.shard_url",
+    "run_dir", "checkpoint.", "parallel.", "eval.", "loop.max_steps", "loop.max_minutes", "loop.log_every",
+    "loop.val_every", "loop.val_batches", "loop.eval_every", "loop.peak_tflops", "data.root", "data.shard_url",
     "data.prefetch_factor", "data.pin_memory",
 )
 

@@ -3,8 +3,8 @@
 Every component owns its config next to its code (``ModelConfig`` in pipeline/model.py,
 ``DataConfig`` in train/data.py, ``AugmentConfig`` in train/augment.py, ``OptimConfig`` in
 train/optim.py, ``CheckpointConfig`` in train/checkpoint.py, ``ParallelConfig`` in
-train/parallelize.py); this module only composes them into :class:`TrainConfig` and adds the
-options that belong to the loop itself.
+train/parallelize.py, ``EvalConfig`` in train/evaluation.py); this module only composes them
+into :class:`TrainConfig` and adds the options that belong to the loop itself.
 
 A YAML file mirrors the tree (``optim: {lr: 5.0e-5}``). It may name a ``base:`` file (relative
 to itself) whose values it then changes, so a variant is a few lines. Command-line overrides are
@@ -27,6 +27,7 @@ from pipeline.model import ModelConfig
 from train.augment import AugmentConfig
 from train.checkpoint import CheckpointConfig
 from train.data import DataConfig
+from train.evaluation import EvalConfig
 from train.optim import OptimConfig
 from train.parallelize import ParallelConfig
 
@@ -49,6 +50,9 @@ class LoopConfig:
     """Steps between validation passes on the test-split shards; 0 disables validation."""
     val_batches: int = 8
     """Batches per validation pass (per rank)."""
+    eval_every: int = 0
+    """Steps between AP evaluations on a fixed subset of the held-out shards (see the eval
+    section, train/evaluation.py); 0 disables them."""
     peak_tflops: float | None = None
     """Peak dense TFLOP/s of one device for the MFU estimate; None picks a known GPU's value."""
 
@@ -56,6 +60,8 @@ class LoopConfig:
         for name in ("global_batch", "epochs", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"loop.{name} must be >= 1; got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"loop.eval_every must be >= 0 (0 disables it); got {self.eval_every}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"loop.max_steps must be >= 1 or null; got {self.max_steps}")
         if self.max_minutes is not None and self.max_minutes <= 0:
@@ -79,6 +85,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -58,13 +58,20 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import webdataset as wds
 import yaml
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.shards import MANIFEST_FILE, TRAIN_SPLITS, WEIGHTS_FILE, decode_sample, group_key, sample_problems
+from pipeline.shards import (
+    MANIFEST_FILE,
+    TRAIN_SPLITS,
+    WEIGHTS_FILE,
+    decode_sample,
+    group_key,
+    read_manifest,
+    sample_problems,
+)
 from train.augment import LAYOUT_COLUMNS, TRANSFORM_COLUMNS, AugmentConfig
 
 log = logging.getLogger(__name__)
@@ -271,20 +278,6 @@ class _Group:
     sizes: tuple[int, ...]
 
 
-def _read_manifest(root: Path, splits: Iterable[str]) -> list[dict]:
-    path = root / MANIFEST_FILE
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"shard root {root} does not exist; build shards first (make shards, or python -m shardgen "
-            f"--dataset NAME --src DIR --out {root}) or set data.root"
-        )
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; {root} is not a finished shardgen root (rerun python -m shardgen)")
-    table = pq.read_table(path, columns=["dataset", "subset", "key", "shard", "split"])
-    wanted = set(splits)
-    return [row for row in table.to_pylist() if row["split"] in wanted]
-
-
 def _read_weights(path: Path) -> dict[str, float]:
     if not path.is_file():
         raise FileNotFoundError(
@@ -308,7 +301,7 @@ def _read_weights(path: Path) -> dict[str, float]:
 def _train_groups(cfg: DataConfig) -> tuple[_Group, ...]:
     """Groups with training shards and a positive weight, weights renormalised to sum to 1."""
     root = Path(cfg.root).resolve()
-    rows = _read_manifest(root, TRAIN_SPLITS)
+    rows = read_manifest(root, splits=TRAIN_SPLITS)
     if not rows:
         raise ValueError(
             f"{root / MANIFEST_FILE} lists no training samples (splits {TRAIN_SPLITS}); "
@@ -1001,7 +994,7 @@ def _val_batches(cfg: DataConfig, rank: int, world_size: int) -> list[list[_Ref]
     cut into batches; ranks with fewer batches get empty ones (yielded as padding)."""
     root = Path(cfg.root).resolve()
     per_group: dict[str, list[_Ref]] = defaultdict(list)
-    for row in _read_manifest(root, cfg.val_splits):
+    for row in read_manifest(root, splits=cfg.val_splits):
         group = group_key(row["dataset"], row["subset"])
         per_group[group].append(_Ref(_shard_url(cfg, root, row["shard"]), row["key"], group))
     refs = []

@@ -33,6 +33,7 @@ from train.augment import augment
 from train.checkpoint import Checkpointer, resume_step
 from train.config import TrainConfig
 from train.data import build_train_loader, build_val_loader, steps_per_epoch
+from train.evaluation import evaluate_ap
 from train.optim import build_optimizer, learning_rate, set_learning_rate
 from train.parallelize import parallelize
 
@@ -306,8 +307,9 @@ class Trainer:
             progress.update()
             saving = self.checkpointer.should_save(self.step) or self.step == total
             validating = bool(cfg.loop.val_every) and self.step % cfg.loop.val_every == 0
+            evaluating = bool(cfg.loop.eval_every) and self.step % cfg.loop.eval_every == 0
             logging_now = self.step % cfg.loop.log_every == 0 or self.step == total
-            if saving or validating or logging_now:
+            if saving or validating or evaluating or logging_now:
                 # These steps sync anyway: never save, validate or log a step whose update was
                 # skipped as non-finite.
                 if self._agree_code(_GO) == _NONFINITE:
@@ -317,6 +319,8 @@ class Trainer:
                 self.checkpointer.save(self.step)
             if validating:
                 self._log({"val_loss": self.validate()}, prefix="")
+            if evaluating:
+                self._log(evaluate_ap(self.model, cfg, self.device), prefix="eval/")  # AP per dataset
             window_aside += time.perf_counter() - aside_start
             if logging_now:
                 self._log_step(parts, window_losses, window_steps, window_start, window_aside, window_skipped)

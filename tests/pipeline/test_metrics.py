@@ -553,3 +553,17 @@ def test_error_rate_and_match_instances_take_one_threshold():
         match_instances([GOOD], [GOOD])
     with pytest.raises(TypeError, match="one pair of label arrays"):
         count_label_overlaps([GOOD], [GOOD])
+
+
+def test_remove_ignored_masks_drops_only_masks_mostly_inside():
+    masks = np.zeros((2, 10, 10), np.uint32)  # 3-D: the rule is per mask, any ndim
+    masks[:, 0:4, 0:4] = 5  # entirely inside the ignored region
+    masks[:, 0:4, 5:9] = 70000  # a quarter inside
+    masks[:, 6:9, 6:9] = 2  # outside
+    ignore = np.zeros(masks.shape, bool)
+    ignore[:, 0:4, 0:6] = True
+    kept = metrics.remove_ignored_masks(masks, ignore)
+    assert kept.dtype == masks.dtype and set(np.unique(kept)) == {0, 2, 70000}
+    assert metrics.remove_ignored_masks(masks, None) is masks
+    with pytest.raises(ValueError, match="shape"):
+        metrics.remove_ignored_masks(masks, ignore[0])

@@ -1,7 +1,7 @@
-"""Compiled kernels behind :mod:`infer.dynamics`.
+"""Compiled kernels behind :mod:`pipeline.dynamics`.
 
-Private: call the validated public function ``infer.dynamics.flows_to_masks``, never these
-directly. Each kernel has a plain NumPy twin in ``infer/dynamics.py`` (``_<name>_reference``)
+Private: call the validated public function ``pipeline.dynamics.flows_to_masks``, never these
+directly. Each kernel has a plain NumPy twin in ``pipeline/dynamics.py`` (``_<name>_reference``)
 and the tests assert the two agree. Flow following does its arithmetic in the same order as its
 twin (float64, no fast-math, so no fused multiply-adds), which makes the two agree to the last
 bit rather than to a tolerance.

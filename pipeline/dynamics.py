@@ -35,7 +35,7 @@ import numbers
 import numpy as np
 import scipy.ndimage
 
-from infer import _kernels
+from pipeline import _dynamics_kernels as _kernels
 from pipeline.flows import masks_to_flows
 
 __all__ = ["flows_to_masks"]

@@ -1,4 +1,4 @@
-"""Tests for infer.dynamics: kernels against their NumPy references, masks rebuilt from
+"""Tests for pipeline.dynamics: kernels against their NumPy references, masks rebuilt from
 ground-truth flows of real labels, documented options, input handling, and agreement with
 Cellpose 4's ``compute_masks``."""
 
@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from infer import _kernels
-from infer.dynamics import (
+from pipeline import _dynamics_kernels as _kernels
+from pipeline.dynamics import (
     _cluster_bins,
     _cluster_bins_reference,
     _fill_holes_reference,
@@ -424,7 +424,7 @@ def test_masks_agree_with_cellpose_compute_masks(shared_data, noise):
 @pytest.mark.reference
 def test_fill_holes_and_min_size_match_cellpose_in_2d():
     cellpose_utils = pytest.importorskip("cellpose.utils")
-    from infer.dynamics import _remove_small_masks
+    from pipeline.dynamics import _remove_small_masks
 
     for seed in range(20):
         rng = np.random.default_rng(seed)
