@@ -26,7 +26,6 @@ simplest kind, fluorescent nuclei; all five kinds need far longer.
 
 import argparse
 import csv
-import json
 import sys
 import time
 from collections import defaultdict
@@ -44,6 +43,7 @@ from figure import render_figure  # noqa: E402
 from pipeline.io import read_image, write_image, write_labels  # noqa: E402
 from pipeline.shards import decode_sample  # noqa: E402
 from pipeline.synthetic import KINDS  # noqa: E402
+from pipeline.weights import EXPORT_NAME, read_sidecar  # noqa: E402
 from shardgen.build import BuildConfig, build_dataset  # noqa: E402
 from shardgen.verify import verify  # noqa: E402
 
@@ -141,21 +141,21 @@ def main(argv=None) -> int:
     run_dir = out / "run"
     minutes = train(shards, run_dir, args.minutes, args.nproc, args.overrides, out / "train.log", config="demo.yaml")
     kinds = export_test_split(shards, out)
-    rows = infer_and_evaluate(out / "test" / "images", out / "test" / "labels", run_dir / "model_cellpose.pt", out)
+    rows = infer_and_evaluate(out / "test" / "images", out / "test" / "labels", run_dir / EXPORT_NAME, out)
     summary = summarise(rows, kinds)
     with (out / "summary.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["kind", *next(iter(summary.values()))])
         writer.writeheader()
         writer.writerows({"kind": kind, **values} for kind, values in summary.items())
 
-    steps = json.loads((run_dir / "model_cellpose.json").read_text())["step"]
+    steps = read_sidecar(run_dir / EXPORT_NAME).step
     title = (f"tiny CP-SAM from random weights, {minutes:.1f} min / {steps} steps on {args.nproc} CPU processes; "
              f"held-out synthetic images, AP@0.5 {summary['all']['ap@0.5']:.2f} (red: predicted outlines)")
     path = figure(out, rows, kinds, run_dir, title)
     print()
     print_summary(summary)
     print(f"\nfigure: {path}\nmasks, overlays and per-image scores: {out / 'predictions'}, {out / 'evaluation.csv'}"
-          f"\nmodel (Cellpose layout): {run_dir / 'model_cellpose.pt'}   total {(time.time() - start) / 60:.1f} min")
+          f"\nmodel (Cellpose layout): {run_dir / EXPORT_NAME}   total {(time.time() - start) / 60:.1f} min")
     return 0
 
 

@@ -27,9 +27,10 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from tqdm import tqdm
 
-from pipeline.model import build_model, flops_per_image, to_cellpose
+from pipeline.model import FLOW_SCALE, flops_per_image
+from pipeline.weights import EXPORT_NAME, build_model, write_export
 from train.augment import augment
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, read_init_weights
 from train.config import TrainConfig
 from train.data import build_train_loader, build_val_loader, steps_per_epoch
 from train.optim import build_optimizer, learning_rate, set_learning_rate
@@ -41,8 +42,6 @@ log = logging.getLogger(__name__)
 _LOSS_PARTS = ("loss", "flow_loss", "cellprob_loss")
 # Peak dense bf16 TFLOP/s per device, for the MFU estimate when loop.peak_tflops is unset.
 _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-# The network predicts 5 x the unit flows (paper.md 1b).
-FLOW_SCALE = 5.0
 
 
 # What the ranks agree on before each step (the largest wins).
@@ -113,11 +112,14 @@ class Trainer:
         parallelize(self.model, self.mesh, cfg.parallel)
 
         # 3. Materialise and initialise: rank 0 builds the full model on the CPU (seeded init;
-        #    build_model loads SAM's encoder weights when model.sam_checkpoint is set) and
-        #    broadcasts it into the shards.
+        #    build_model loads SAM's encoder weights when model.sam_checkpoint is set), or reads
+        #    model.init_checkpoint's weights to fine-tune, and broadcasts them into the shards.
         self.model.to_empty(device=self.device)
         full_state = {}
-        if self.rank == 0:
+        if self.rank == 0 and cfg.model.init_checkpoint is not None:
+            full_state = read_init_weights(cfg.model.init_checkpoint, cfg.model)
+            log.info("starting from the weights of %s", cfg.model.init_checkpoint)
+        elif self.rank == 0:
             torch.manual_seed(cfg.seed)
             initial = build_model(cfg.model)
             full_state = initial.state_dict()
@@ -203,7 +205,7 @@ class Trainer:
                 window_losses = None
         progress.close()
         if self.step == total or out_of_time:
-            self.export(self.run_dir / "model_cellpose.pt")
+            self.export(self.run_dir / EXPORT_NAME)
 
     def train_step(self, batches) -> dict[str, torch.Tensor]:
         """One optimizer step over ``accumulation`` micro-batches; returns device tensors."""
@@ -345,13 +347,10 @@ class Trainer:
         log.info("step %d %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in values.items()))
 
     def export(self, path: Path) -> None:
-        """The current weights as one file in Cellpose's cpsam layout (a collective)."""
+        """The current weights as one file in Cellpose's cpsam layout, with its json (a collective)."""
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(to_cellpose(state), tmp)
-            os.replace(tmp, path)
-            (path.with_suffix(".json")).write_text(json.dumps({"model": self.cfg.to_dict()["model"], "step": self.step}))
+            write_export(path, state, self.cfg.model, self.step)
             log.info("exported %s", path)
         dist.barrier()
 

@@ -25,7 +25,8 @@ from infer import cli
 from infer.cli import _find_jobs, _parser, _share
 from infer.predict import PredictConfig, load_model, predict
 from pipeline.io import read_labels
-from pipeline.model import ModelConfig, build_model, to_cellpose
+from pipeline.model import ModelConfig
+from pipeline.weights import build_model, to_cellpose
 from pipeline.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[2]

@@ -2,7 +2,7 @@
 
 Covers the issue's checks: the loss is finite and falls over ~30 steps; SIGTERM mid-run then
 --resume gives the same losses as an uninterrupted run; a NaN stops with a clear message and a
-checkpoint; the exported file loads with pipeline.model.from_cellpose; and the command line
+checkpoint; the exported file loads with pipeline.weights.from_cellpose; and the command line
 takes exactly the config's options.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.model import from_cellpose
+from pipeline.weights import from_cellpose
 from shardgen.build import build_dataset
 from train.config import load_config, option_names
 
