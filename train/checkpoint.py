@@ -29,7 +29,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from pipeline.model import CPSAM
-from pipeline.weights import read_init_weights as read_model_file
+from pipeline import weights
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def read_init_weights(path: str | Path, model_cfg) -> dict:
     """
     path = Path(path)
     if not path.is_dir():
-        return read_model_file(path, model_cfg)
+        return weights.read_init_weights(path, model_cfg)
     step_dir = _newest_step_dir(path)
     saved = json.loads((step_dir / "meta.json").read_text()).get("config", {}).get("model", {})
     geometry = ("encoder", "patch_size", "image_size")

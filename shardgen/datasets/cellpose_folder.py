@@ -10,7 +10,8 @@ Layouts, found by name in the training folder (``<root>/train/`` if it exists, e
 ``<ext>`` is any suffix ``pipeline.io`` reads. The mask may also be ``_mask``, ``_labels`` or
 ``_label``. When an image has both a ``_seg.npy`` and a mask file, the ``_seg.npy`` wins: it is
 what the GUI saved last (``python -m infer --save-seg --out`` the image folder writes an
-uncorrected ``_masks.tif`` beside it); :func:`label_sources` counts which were used. Files named like outputs (``_flows``, ``_cellprob``, ``_outlines``) are not images.
+uncorrected ``_masks.tif`` beside it); :func:`label_sources` counts which were used. Files
+named like outputs (``_flows``, ``_cellprob``, ``_outlines``) are not images.
 
 Splits: ``test`` is ``<root>/test/`` (same layouts) when it exists. Otherwise a fixed fraction of
 the training pairs, :data:`TEST_FRACTION` (at least one image once there are two), is held out:
@@ -77,7 +78,8 @@ def _pairs(root: Path, folder: Path, split: str) -> list[Item]:
     for image in images:
         base = image.stem.removesuffix(IMAGE_TAG)
         seg = segs.get(image.stem)
-        candidates = [masks[s] for s in dict.fromkeys(b + t for b in (base, image.stem) for t in MASK_TAGS) if s in masks]
+        stems = dict.fromkeys(b + t for b in (base, image.stem) for t in MASK_TAGS)
+        candidates = [masks[s] for s in stems if s in masks]
         if mask_dir != image_dir and image.stem in masks:
             candidates.append(masks[image.stem])
         claimed.update(candidates + ([seg] if seg else []))
