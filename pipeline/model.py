@@ -22,7 +22,7 @@ Cellpose-SAM changes it (paper.md 2a):
   (dy, dx, cellprob logit) at 256x256. Cellpose stores the shuffle as a frozen identity tensor
   ``W2`` used in a stride-8 ``conv_transpose2d``; that is exactly ``PixelShuffle(8)`` (readout
   channel ``c * 64 + a * 8 + b`` lands in output channel ``c`` at pixel ``(8 i + a, 8 j + b)``),
-  so this module has no ``W2`` and :func:`to_cellpose` writes it.
+  so this module has no ``W2`` and :func:`pipeline.weights.to_cellpose` writes it.
 
 Stochastic depth ("layer drop", paper.md 1a): in training mode each sample skips block ``i``
 with probability ``layer_drop * i / (depth - 1)``; a skipped block is the identity, with no
