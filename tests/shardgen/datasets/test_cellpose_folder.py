@@ -13,7 +13,6 @@ from tests.shardgen.datasets.helpers import (
 )
 
 SHAPE = (36, 48)
-SHARED = Path("/work/shared/data/cellpose_cyto")
 
 
 def write_pair(folder: Path, image_name: str, labels_name: str, centres) -> np.ndarray:
@@ -90,10 +89,10 @@ def test_builds_shards_with_the_gui_labels(mixed, tmp_path):
     assert max_labels(built.samples) == {"a_img.tif": 2, "b.png": 1, "c.tif": 3, "d.tif": 2}
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason=f"real samples not found at {SHARED}")
-def test_real_cellpose_cyto_folder():
-    train = cellpose_folder.find_items(SHARED, "train")
-    test = cellpose_folder.find_items(SHARED, "test")
+def test_real_cellpose_cyto_folder(shared_data):
+    root = shared_data / "cellpose_cyto"
+    train = cellpose_folder.find_items(root, "train")
+    test = cellpose_folder.find_items(root, "test")
     assert (len(train), len(test)) == (16, 4)  # 20 pairs in train/, no test/: 20% held out
-    loaded = cellpose_folder.load(SHARED, test[0])
+    loaded = cellpose_folder.load(root, test[0])
     assert loaded.image.shape[:2] == loaded.labels.shape and loaded.labels.max() > 10
