@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from pipeline.model import CPSAM
+from pipeline.model import CPSAM, ModelConfig
 from pipeline import weights
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class Checkpointer:
         """Nothing is left running (saves are synchronous); kept for the contract."""
 
 
-def read_init_weights(path: str | Path, model_cfg) -> dict:
+def read_init_weights(path: str | Path, model_cfg: ModelConfig) -> dict:
     """The weights a fine-tuning run starts from (``model.init_checkpoint``), as a full state dict.
 
     ``path`` is a weights file (an official cpsam file or an export: read by
