@@ -28,8 +28,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from pipeline.model import CPSAM, ModelConfig
 from pipeline import weights
+from pipeline.model import CPSAM, ModelConfig
 
 log = logging.getLogger(__name__)
 
