@@ -8,7 +8,7 @@ SHARDS ?= shards
 DATA_ROOT ?=
 WORKERS ?= $(shell nproc)
 
-.PHONY: install demo shards test test-fast bench learn-check gpu-wheels clean
+.PHONY: install demo shards test test-fast bench learn-check finetune gpu-wheels clean
 
 install: $(STAMP)
 
@@ -48,6 +48,17 @@ bench: install
 # nuclei) and synthetic images, then scored on held-out DSB images (goal AP@0.5 >= 0.6).
 learn-check: install
 	$(BIN)/python scripts/learn_check.py --out runs/learn_check
+
+# Fine-tune on your annotated images (Cellpose layouts: _img/_masks, GUI _seg.npy, images/ +
+# masks/) from Cellpose's cpsam, an export or a run folder; prints held-out AP@0.5 before and
+# after. NPROC GPUs (or CPU processes); ARGS for more, e.g. ARGS="--minutes 60 loop.epochs=200".
+OUT ?= finetune_out
+NPROC ?= 1
+finetune: install
+ifeq ($(and $(strip $(DATA)),$(strip $(INIT))),)
+	$(error usage: make finetune DATA=<folder of annotated images> INIT=<cpsam | model_cellpose.pt | run folder> [OUT=finetune_out] [NPROC=1] [ARGS=...])
+endif
+	$(BIN)/python scripts/finetune.py --data $(DATA) --init $(INIT) --out $(OUT) --nproc $(NPROC) $(ARGS)
 
 # For benchmarks/gpu_check.py on a lent GPU machine: the dependencies its image lacks (it has
 # torch, numpy, numba, pyarrow, tifffile, opencv and the rest), as wheels for its Python 3.12,

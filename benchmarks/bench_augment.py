@@ -29,7 +29,7 @@ import torch
 
 from benchmarks.bench_train import make_shards
 from benchmarks.common import cpu_description, sync
-from pipeline.model import build_model
+from pipeline.weights import build_model
 from train.augment import augment
 from train.config import load_config
 from train.data import build_train_loader

@@ -39,7 +39,8 @@ from benchmarks.common import SHARED_DATA, alternate, cpu_description
 from infer.predict import PredictConfig, load_model, predict
 from pipeline.io import read_image
 from pipeline.metrics import average_precision
-from pipeline.model import CPSAM, ModelConfig, to_cellpose
+from pipeline.model import CPSAM, ModelConfig
+from pipeline.weights import to_cellpose
 from pipeline.synthetic import generate
 
 

@@ -38,7 +38,8 @@ import torch
 from benchmarks.common import SHARED_DATA, alternate, cpu_description
 from infer.predict import PredictConfig, load_model, predict, predict_many
 from pipeline.io import read_image
-from pipeline.model import CPSAM, ModelConfig, to_cellpose
+from pipeline.model import CPSAM, ModelConfig
+from pipeline.weights import to_cellpose
 from pipeline.synthetic import generate
 
 

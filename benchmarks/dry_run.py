@@ -78,7 +78,8 @@ from torch.utils.flop_counter import (
 )
 
 import train.augment
-from pipeline.model import ENCODERS, build_model, flops_per_image
+from pipeline.model import ENCODERS, flops_per_image
+from pipeline.weights import build_model
 from train.augment import Augmented, augment
 from train.config import TrainConfig, load_config
 from train.data import Batch, loader_host_bytes

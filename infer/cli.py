@@ -69,10 +69,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from infer.outputs import (
     OutputPaths,
     output_paths,
+    seg_record,
     write_array,
     write_masks,
     write_overlay,
     write_rois,
+    write_seg,
 )
 from infer.predict import PredictConfig, load_model, predict_stream
 from pipeline.io import SUPPORTED_SUFFIXES, read_image, read_labels
@@ -112,6 +114,8 @@ class InferConfig:
     """Also write <name>_outlines.png, the image with mask outlines in red."""
     save_rois: bool = False
     """Also write <name>_rois.zip, one ImageJ polygon ROI per mask (Fiji's ROI Manager)."""
+    save_seg: bool = False
+    """Also write <name>_seg.npy, the Cellpose GUI file (io.masks_flows_to_seg layout), to correct masks in the GUI."""
     channels: tuple[int, ...] | None = None
     """Channel indices to use (up to 3), for files with more than 3 channels or a varying alpha."""
     device: str | None = None
@@ -413,6 +417,9 @@ def _write(item: _Item, prediction, cfg: InferConfig) -> dict:
         item.image = None
     if cfg.save_rois:
         write_rois(paths.rois, prediction.masks)
+    if cfg.save_seg:
+        record = seg_record(item.job.path, prediction.masks, prediction.flows, prediction.cellprob, prediction.diameter)
+        write_seg(paths.seg, record)
     write_masks(paths.masks, prediction.masks)
     return {
         "file": str(item.job.path),
@@ -442,6 +449,7 @@ def _is_done(paths: OutputPaths, cfg: InferConfig) -> bool:
     wanted += [paths.flows, paths.cellprob] if cfg.save_flows else []
     wanted += [paths.outlines] if cfg.save_outlines else []
     wanted += [paths.rois] if cfg.save_rois else []
+    wanted += [paths.seg] if cfg.save_seg else []
     return all(path.is_file() for path in wanted)
 
 

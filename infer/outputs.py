@@ -12,6 +12,10 @@ inputs), under ``--out``:
   RGB for three) with each mask's outline in red (``--save-outlines``).
 * ``<rel>/<stem>_rois.zip``: one ImageJ polygon ROI per mask, named by its label id zero-padded
   to equal width, for Fiji's ROI Manager (``--save-rois``).
+* ``<rel>/<stem>_seg.npy``: the Cellpose GUI's file, as Cellpose 4's ``io.masks_flows_to_seg``
+  writes it (``--save-seg``): open it in the GUI (``python -m cellpose``, File > Load masks),
+  which loads the image from the absolute path in its ``filename``; correct the masks; the GUI
+  saves ``<stem>_seg.npy`` next to the image, ready for ``make finetune``.
 
 ROI polygons run along pixel edges (corner coordinates, as ImageJ's wand tool traces them), so
 ImageJ's "pixel centre inside the polygon" rule gives back exactly the mask's pixels. A mask in
@@ -36,7 +40,7 @@ import roifile
 import scipy.ndimage
 from PIL import Image
 
-from pipeline.io import normalize_percentile, write_labels
+from pipeline.io import SEG_SUFFIX, normalize_percentile, write_labels
 
 __all__ = [
     "MASKS_SUFFIX",
@@ -44,10 +48,12 @@ __all__ = [
     "mask_polygons",
     "outline_overlay",
     "output_paths",
+    "seg_record",
     "write_array",
     "write_masks",
     "write_overlay",
     "write_rois",
+    "write_seg",
 ]
 
 #: Appended to an input's stem to name its masks file (``x.png`` -> ``x_masks.tif``).
@@ -63,6 +69,7 @@ class OutputPaths(NamedTuple):
     cellprob: Path
     outlines: Path
     rois: Path
+    seg: Path
 
 
 def output_paths(out_dir: str | os.PathLike, relative_input: str | os.PathLike) -> OutputPaths:
@@ -79,6 +86,7 @@ def output_paths(out_dir: str | os.PathLike, relative_input: str | os.PathLike) 
         cellprob=stem.with_name(stem.name + "_cellprob.npy"),
         outlines=stem.with_name(stem.name + "_outlines.png"),
         rois=stem.with_name(stem.name + "_rois.zip"),
+        seg=stem.with_name(stem.name + SEG_SUFFIX),
     )
 
 
@@ -124,6 +132,13 @@ def write_rois(path: str | os.PathLike, masks: np.ndarray) -> int:
     with _atomic(path) as temporary:
         roifile.roiwrite(temporary, rois, mode="w")
     return len(rois)
+
+
+def write_seg(path: str | os.PathLike, record: dict) -> None:
+    """:func:`seg_record`'s dict to a Cellpose ``_seg.npy`` (a pickled dict, as Cellpose saves it)."""
+    with _atomic(path) as temporary:
+        with open(temporary, "xb") as fh:
+            np.save(fh, np.array(record, dtype=object), allow_pickle=True)
 
 
 @contextlib.contextmanager
@@ -178,6 +193,96 @@ def outline_overlay(image: np.ndarray, masks: np.ndarray) -> np.ndarray:
         rgb = np.zeros(pixels.shape[:2] + (3,), dtype=np.uint8)
         rgb[:, :, : pixels.shape[2]] = pixels
     rgb[outline_pixels(masks)] = _OUTLINE_COLOUR
+    return rgb
+
+
+def seg_record(
+    image_path: str | os.PathLike,
+    masks: np.ndarray,
+    flows: np.ndarray,
+    cellprob: np.ndarray,
+    diameter: float | None,
+) -> dict:
+    """The dict Cellpose 4's ``io.masks_flows_to_seg`` saves for one 2-D image, from our outputs.
+
+    Parameters
+    ----------
+    image_path : path
+        The input image; stored, absolute, as ``filename`` (the GUI opens the image from it).
+    masks : (H, W) integer labels, 0 = background.
+    flows : (2, H, W) float32 dP = (dy, dx), 5 x unit flows, as the network predicts them.
+    cellprob : (H, W) float32 logits.
+    diameter : the diameter the image was rescaled by (given or estimated), or None.
+
+    Returns
+    -------
+    dict
+        Keys and layout of ``masks_flows_to_seg`` given Cellpose's own eval output
+        ``[dx_to_circ(dP), dP, cellprob]``: ``outlines`` (each outline pixel holds its mask's
+        id) and ``masks``, uint16 (uint32 past 65,534 masks); ``chan_choose`` [0, 0];
+        ``ismanual`` (n_masks,) False; ``filename``; ``flows`` = [(1, H, W, 3) uint8 flow
+        colours, (1, H, W) uint8 cellprob (1st-99th percentile to 0-255), (1, H, W, 3) uint8
+        zeros, [], (3, H, W) float32 (dy, dx, cellprob)]; ``diameter``, which Cellpose leaves
+        NaN and the GUI fills when it saves: here the diameter used, NaN without a rescale.
+
+    Notes
+    -----
+    Outlines are the mask pixels with a 4-neighbour of another label (:func:`outline_pixels`).
+    Cellpose traces each mask's outer contour with OpenCV instead, so a mask with a hole also
+    outlines the hole here; the GUI redraws outlines from the masks when they are edited.
+    """
+    masks = np.asarray(masks)
+    flows = np.asarray(flows, dtype=np.float32)
+    cellprob = np.asarray(cellprob, dtype=np.float32)
+    if masks.ndim != 2 or flows.shape != (2, *masks.shape) or cellprob.shape != masks.shape:
+        raise ValueError(
+            f"seg_record takes (H, W) masks, (2, H, W) flows and (H, W) cellprob; got "
+            f"{masks.shape}, {flows.shape}, {cellprob.shape}"
+        )
+    outlines = masks * outline_pixels(masks)
+    # Cellpose decides the width by the outlines' largest id, for masks too.
+    label_dtype = np.uint16 if outlines.max(initial=0) < 2**16 - 1 else np.uint32
+    cellprob_u8 = (np.clip(_normalize99(cellprob), 0, 1) * 255).astype(np.uint8)
+    colours = _flow_colours(flows)
+    return {
+        "outlines": outlines.astype(label_dtype),
+        "masks": masks.astype(label_dtype),
+        "chan_choose": [0, 0],
+        "ismanual": np.zeros(int(masks.max(initial=0)), bool),
+        "filename": str(Path(image_path).resolve()),
+        "flows": [
+            colours[np.newaxis], cellprob_u8[np.newaxis], np.zeros_like(colours)[np.newaxis], [],
+            np.concatenate((flows, cellprob[np.newaxis]), axis=0),
+        ],
+        "diameter": np.nan if diameter is None else float(diameter),
+    }
+
+
+def _normalize99(values: np.ndarray, downsample: bool = False) -> np.ndarray:
+    """Cellpose's ``transforms.normalize99`` of a float32 (H, W) array, in its float32 arithmetic
+    (its byte images must come out the same; ``pipeline.io.normalize_percentile`` takes the
+    percentiles in float64)."""
+    values = values.astype(np.float32, copy=True)
+    sample = values
+    if downsample and values.size > 224**3:
+        sample = values[tuple(slice(None, None, max(1, n // 224)) for n in values.shape)]
+    low, high = np.percentile(sample, 1), np.percentile(sample, 99)
+    if high - low > 1e-3:
+        values -= low
+        values /= high - low
+    else:
+        values[:] = 0
+    return values
+
+
+def _flow_colours(flows: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8: Cellpose's ``plot.dx_to_circ`` (direction as hue, magnitude as value)."""
+    magnitude = 255 * np.clip(_normalize99(np.sqrt(np.sum(flows**2, axis=0)), downsample=True), 0, 1.0)
+    angles = np.arctan2(flows[1], flows[0]) + np.pi
+    magnitude /= 2
+    rgb = np.zeros((*flows.shape[1:], 3), np.uint8)
+    for channel in range(3):
+        rgb[..., channel] = np.clip(magnitude * (np.cos(angles + channel * 2 * np.pi / 3) + 1), 0, 255).astype(np.uint8)
     return rgb
 
 

@@ -57,7 +57,6 @@ Where this differs from Cellpose:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import numbers
@@ -75,8 +74,9 @@ import torch.nn.functional as F
 
 from pipeline.dynamics import flows_to_masks
 from pipeline.io import normalize_percentile
-from pipeline.model import DIAMETER_MEAN, ModelConfig, from_cellpose, set_bias_as_mask
+from pipeline.model import DIAMETER_MEAN, MIN_DIAMETER, set_bias_as_mask
 from pipeline.shards import cellpose_diameter
+from pipeline.weights import read_export, sidecar_path
 
 __all__ = [
     "DIAMETER_MEAN",
@@ -110,9 +110,6 @@ AUTO = "auto"
 #: measured 16-20 px at scale 1); the second estimate, made near its range, corrects most of
 #: that (docs/BENCHMARKS.md, learning check).
 AUTO_ESTIMATES = 2
-#: Smallest estimated diameter (px): the floor the trainer puts under per-image diameters
-#: (paper.md 1c, ``AugmentConfig.min_diameter``); it bounds the upscaling at 6x.
-MIN_ESTIMATED_DIAMETER = 5.0
 
 # Padding: to a multiple of 16, plus 16 px split over the two sides (Cellpose's get_pad_yx,
 # div=16, extra=1). The network does not need it (tiles are 256), but it moves the tile grid
@@ -451,7 +448,7 @@ def estimate_diameter(masks: np.ndarray) -> float | None:
     None when ``masks`` has no mask (there is nothing to measure; the image is not rescaled).
     """
     diameter = cellpose_diameter(masks)
-    return None if diameter == 0 else max(diameter, MIN_ESTIMATED_DIAMETER)
+    return None if diameter == 0 else max(diameter, MIN_DIAMETER)  # the trainer's floor too
 
 
 def _stream(
@@ -816,7 +813,7 @@ def load_model(
         Either the trainer's export (``model_cellpose.pt``) with its ``<stem>.json`` beside it
         (``{"model": ModelConfig fields, "step": n}``; the model is built from that config, so
         tiny and vit_b exports load), or an official Cellpose-SAM file (``cpsam``, no json: a
-        ViT-L).
+        ViT-L). Read by ``pipeline.weights.read_export``, which owns the format.
     device : str or torch.device, optional
         Default: ``cuda`` when available, else ``cpu``.
     dtype : torch.dtype, optional
@@ -834,38 +831,11 @@ def load_model(
         If ``path`` is a folder (e.g. a training checkpoint: export it first) or not a
         Cellpose-layout state dict.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path}: checkpoint not found; pass the file the trainer exports "
-            "(<run_dir>/model_cellpose.pt) or an official cpsam file"
-        )
-    if path.is_dir():
-        raise ValueError(
-            f"{path}: is a folder (a training checkpoint?); inference loads the single weights "
-            "file the trainer exports (<run_dir>/model_cellpose.pt) or an official cpsam file"
-        )
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load raises many types for a file that is not a checkpoint
-        raise ValueError(f"{path}: not a readable PyTorch weights file ({error})") from error
-    if not isinstance(state_dict, dict) or not all(
-        isinstance(value, torch.Tensor) for value in state_dict.values()
-    ):
-        raise ValueError(
-            f"{path}: expected a state dict (name -> tensor) in Cellpose's cpsam layout; got "
-            f"{type(state_dict).__name__}"
-        )
-    meta_path = path.with_suffix(".json")
-    cfg = _model_config(meta_path) if meta_path.is_file() else None
-    try:
-        model = from_cellpose(state_dict, cfg)
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from error
-    if cfg is None:
-        log.info("loaded %s (%s, Cellpose layout, no %s)", path, model.cfg.encoder, meta_path.name)
+    model, sidecar = read_export(path)
+    if sidecar is None:
+        log.info("loaded %s (%s, Cellpose layout, no %s)", path, model.cfg.encoder, sidecar_path(path).name)
     else:
-        log.info("loaded %s (%s, config from %s)", path, cfg.encoder, meta_path.name)
+        log.info("loaded %s (%s, config from %s)", path, model.cfg.encoder, sidecar_path(path).name)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -898,16 +868,3 @@ def _cpu_has_bf16() -> bool:
     # torch.cpu's feature probes (cpuinfo); private, hence the fallback to "no" if they move.
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-def _model_config(meta_path: Path) -> ModelConfig:
-    """The ModelConfig in a trainer export's json ({"model": {...}, "step": n})."""
-    try:
-        fields = json.loads(meta_path.read_text())["model"]
-        # The SAM weights were only the starting point of training; the export holds the result.
-        return dataclasses.replace(ModelConfig(**fields), sam_checkpoint=None)
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(
-            f"{meta_path}: expected the trainer's json, "
-            f"{{\"model\": ModelConfig fields, \"step\": n}}; {type(error).__name__}: {error}"
-        ) from error

@@ -37,11 +37,10 @@ import scipy.ndimage
 
 from pipeline import _dynamics_kernels as _kernels
 from pipeline.flows import masks_to_flows
+from pipeline.model import FLOW_SCALE  # the network predicts flows of this length; QC uses unit flows
 
 __all__ = ["flows_to_masks"]
 
-# The network predicts flows of length 5; the dynamics and the QC use unit flows.
-_FLOW_SCALE = 5.0
 # A pixel has converged, and stops, when its last Euler step moved it less than this (pixels,
 # along every axis), or when it is back within this of where it was two steps before: near a
 # centre, noisy flows often leave pixels hopping between two spots until niter runs out.
@@ -242,10 +241,10 @@ def _follow_flows(dP, cellprob, cellprob_threshold, niter):
     """Dispatch to the compiled twin of ``_follow_flows_reference`` (same arguments)."""
     scale = _sampling_scale(cellprob.shape)
     if cellprob.ndim == 2:
-        padded, starts = _kernels.prepare_flows_2d_numba(dP, cellprob, cellprob_threshold, _FLOW_SCALE)
+        padded, starts = _kernels.prepare_flows_2d_numba(dP, cellprob, cellprob_threshold, FLOW_SCALE)
         return starts, _kernels.follow_flows_2d_numba(padded, starts, niter, scale, _CONVERGED_STEP)
     foreground = cellprob > cellprob_threshold
-    padded = _pad_interleaved((dP * foreground / _FLOW_SCALE).astype(np.float32))
+    padded = _pad_interleaved((dP * foreground / FLOW_SCALE).astype(np.float32))
     starts = np.flatnonzero(foreground)
     return starts, _kernels.follow_flows_3d_numba(padded, starts, niter, scale, _CONVERGED_STEP)
 
@@ -267,7 +266,7 @@ def _follow_flows_reference(
     final positions, (n, ndim) float32.
     """
     foreground = cellprob > cellprob_threshold
-    steps = (dP * foreground / _FLOW_SCALE).astype(np.float32)
+    steps = (dP * foreground / FLOW_SCALE).astype(np.float32)
     starts = np.flatnonzero(foreground)
     padded = _pad_interleaved(steps)
     shape = np.array(cellprob.shape)
@@ -366,7 +365,7 @@ def _remove_bad_flow_masks(masks: np.ndarray, dP: np.ndarray, threshold: float, 
     Returns the renumbered uint32 masks and their count.
     """
     flows_from_masks = masks_to_flows(masks)
-    mean_error = _kernels.mean_flow_error_numba(masks, flows_from_masks, dP, _FLOW_SCALE, n_masks)
+    mean_error = _kernels.mean_flow_error_numba(masks, flows_from_masks, dP, FLOW_SCALE, n_masks)
     relabelled, n_masks = _kernels.relabel_numba(masks.ravel(), ~(mean_error > threshold))
     return relabelled.reshape(masks.shape), n_masks
 
@@ -378,7 +377,7 @@ def _mean_flow_error_reference(
     (``masks_to_flows(masks)``) and ``dP / 5`` (Cellpose's ``flow_error``), float64
     (n_masks + 1,); entry 0 is unused, absent masks get 0.
     """
-    error = ((flows_from_masks.astype(np.float64) - dP.astype(np.float64) / _FLOW_SCALE) ** 2).sum(0)
+    error = ((flows_from_masks.astype(np.float64) - dP.astype(np.float64) / FLOW_SCALE) ** 2).sum(0)
     labels = masks.ravel()
     n_pixels = np.bincount(labels, minlength=n_masks + 1)
     sums = np.bincount(labels, weights=error.ravel(), minlength=n_masks + 1)

@@ -46,6 +46,10 @@ Channel policy (the same for every format):
 ``read_labels(path)`` returns one 2-D integer instance-label image (0 = background). Palette PNGs
 are read as their indices. Lossy JPEG is refused.
 
+``read_seg(path)`` reads a Cellpose GUI file, ``<name>_seg.npy`` (a pickled dict; its ``masks``
+are the user's corrected annotations of ``<name>.<ext>``). Only NumPy arrays and Python's plain
+types are unpickled from it, so a crafted file cannot run code.
+
 Errors: a missing file raises ``FileNotFoundError``; anything else wrong with a file (empty,
 truncated, corrupt, unsupported extension, header not matching the extension, wrong shape or
 dtype) raises ``ValueError`` whose message starts with the file's path and says what to do.
@@ -61,8 +65,10 @@ and ``os.replace``, so a crash never leaves half a file under the final name.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
+import pickle
 import secrets
 import struct
 import threading
@@ -80,6 +86,8 @@ __all__ = [
     "normalize_percentile",
     "read_image",
     "read_labels",
+    "read_seg",
+    "SEG_SUFFIX",
     "write_image",
     "write_labels",
 ]
@@ -869,3 +877,84 @@ def _write_tiff_atomically(path: Path, data: np.ndarray, **tiff_options) -> None
 # ---------------------------------------------------------------------------------------------
 # Shards and weights: keys and formats will be defined here (not yet).
 # ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# Cellpose GUI files (<name>_seg.npy)
+# ---------------------------------------------------------------------------------------------
+
+#: What the Cellpose GUI (and ``masks_flows_to_seg``) appends to an image's stem.
+SEG_SUFFIX = "_seg.npy"
+
+# The globals a _seg.npy pickle may name: NumPy's array and dtype reconstruction (numpy 1 and 2
+# module names) and nothing that runs code.
+_SEG_PICKLE_GLOBALS = {
+    (module, name)
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+    for name in ("_reconstruct", "scalar")
+} | {("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "slice"), ("builtins", "complex")}
+
+
+class _SegUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _SEG_PICKLE_GLOBALS or (module == "numpy.dtypes" and name.endswith("DType")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+
+
+def read_seg(path: str | os.PathLike) -> dict:
+    """Read a Cellpose ``_seg.npy`` (GUI annotations, or ``masks_flows_to_seg`` output).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        ``<name>_seg.npy``: a 0-d object array holding a dict, as ``np.save`` writes it.
+
+    Returns
+    -------
+    dict
+        The file's dict, with ``masks`` checked and given as ``read_labels`` gives labels:
+        ``(H, W)`` unsigned integer ids, 0 = background. The other keys (``outlines``,
+        ``flows``, ``filename``, ``ismanual``, ``chan_choose``, ``diameter``, ...) as stored.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If it is not a ``.npy`` holding a dict with a 2-D integer ``masks`` array (3-D GUI
+        files are refused: this pipeline is 2-D), or its pickle names anything but NumPy
+        arrays and plain Python values. The message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such _seg.npy file")
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise ValueError(f".npy format version {version} is not one np.save writes for a dict")
+            _, _, dtype = read_header(fh)
+            if dtype != np.dtype(object):
+                raise ValueError(f"it holds a plain {dtype} array, not Cellpose's pickled dict")
+            record = _SegUnpickler(io.BytesIO(fh.read())).load()
+    except (ValueError, pickle.UnpicklingError, EOFError, OSError, AttributeError) as error:
+        raise ValueError(f"{path}: not a Cellpose _seg.npy file ({error})") from error
+    if isinstance(record, np.ndarray) and record.shape == () and record.dtype == object:
+        record = record.item()
+    if not isinstance(record, dict) or "masks" not in record:
+        raise ValueError(
+            f"{path}: not a Cellpose _seg.npy file: expected a dict with 'masks'; got "
+            f"{type(record).__name__}{' with keys ' + ', '.join(map(str, record)) if isinstance(record, dict) else ''}"
+        )
+    masks = np.asarray(record["masks"])
+    masks = masks.reshape([n for n in masks.shape if n != 1]) if masks.ndim > 2 else masks
+    if masks.ndim != 2 or masks.dtype.kind not in "biuf":
+        raise ValueError(
+            f"{path}: 'masks' must be one 2-D plane of integer ids; got {masks.dtype} "
+            f"{masks.shape} (3-D GUI annotations are not supported)"
+        )
+    record["masks"] = _as_plain_array(_as_label_dtype(path, masks))
+    return record

@@ -22,7 +22,7 @@ Cellpose-SAM changes it (paper.md 2a):
   (dy, dx, cellprob logit) at 256x256. Cellpose stores the shuffle as a frozen identity tensor
   ``W2`` used in a stride-8 ``conv_transpose2d``; that is exactly ``PixelShuffle(8)`` (readout
   channel ``c * 64 + a * 8 + b`` lands in output channel ``c`` at pixel ``(8 i + a, 8 j + b)``),
-  so this module has no ``W2`` and :func:`to_cellpose` writes it.
+  so this module has no ``W2`` and :func:`pipeline.weights.to_cellpose` writes it.
 
 Stochastic depth ("layer drop", paper.md 1a): in training mode each sample skips block ``i``
 with probability ``layer_drop * i / (depth - 1)``; a skipped block is the identity, with no
@@ -35,24 +35,19 @@ the two diameter buffers), ``vit_b``, and ``tiny`` (width 64, 2 blocks, 2 heads,
 neck; ~0.24M parameters) for CPU tests and the demo; its sizes are justified beside it.
 
 The module is single-device code. FSDP2, ``torch.compile`` and activation checkpointing are
-applied from outside; :func:`unwrap_state_dict` is the one place that removes the key prefixes
-those wrappers add.
+applied from outside. Weight files (SAM's release, Cellpose's cpsam layout, which is also this
+project's export, and the export's json) are read and written by :mod:`pipeline.weights`.
 
-Weight files this module reads and writes:
-
-* SAM's released checkpoints (``sam_vit_l_0b3195.pth``, keys ``image_encoder.*``), read by
-  :func:`load_sam_encoder` / :func:`read_sam_encoder`;
-* Cellpose 4 ``cpsam`` checkpoints (paper.md 2b, 350 tensors for vit_l), read by
-  :func:`from_cellpose` and written by :func:`to_cellpose`; this is also the project's export
-  format, so an exported model loads into ``cellpose.vit.CPSAM`` with ``strict=True``.
+The conventions every stage relies on are defined here, once: :data:`FLOW_SCALE` (the network
+predicts 5 x the unit flows), :data:`DIAMETER_MEAN` (30 px, the diameter images are rescaled to
+and the model's ``diam_mean``) and :data:`MIN_DIAMETER` (5 px, the floor under per-image
+diameters). They live with the network, not with the weights module, because the network's
+buffers need them and the weights module needs the network.
 """
 
 from __future__ import annotations
 
 import math
-import pickle
-import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -71,16 +66,15 @@ __all__ = [
     "RelPosAttention",
     "attention_extended",
     "attention_masked",
-    "build_model",
     "set_bias_as_mask",
     "sample_layer_drop",
-    "read_sam_encoder",
-    "load_sam_encoder",
-    "unwrap_state_dict",
-    "from_cellpose",
-    "to_cellpose",
+    "sincos_pos_embed",
     "flops_per_image",
     "forward_flops_parts",
+    "FLOW_SCALE",
+    "DIAMETER_MEAN",
+    "MIN_DIAMETER",
+    "NUM_OUTPUTS",
 ]
 
 # SAM's native geometry. The encoder is built at this geometry first so that the relative-position
@@ -92,7 +86,18 @@ SAM_WINDOW_SIZE = 14
 MLP_RATIO = 4
 LAYER_NORM_EPS = 1e-6
 NUM_OUTPUTS = 3  # dy, dx, cellprob logit
-DIAMETER_MEAN = 30.0  # Cellpose's training diameter; the value of diam_mean and diam_labels
+
+# Conventions that shardgen, train and infer must agree on (paper.md 1b, 1c), defined only here.
+#: The network predicts FLOW_SCALE x the unit-length flows; the loss targets them and the dynamics
+#: divide by it.
+FLOW_SCALE = 5.0
+#: Cellpose's training diameter (px): images are rescaled so their median diameter is this before
+#: the random zoom, inference resizes by DIAMETER_MEAN / diameter, and it is the value of the
+#: model's diam_mean and diam_labels buffers.
+DIAMETER_MEAN = 30.0
+#: Per-image diameters (px) are raised to at least this before rescaling (Cellpose clips at 5), in
+#: training and for diameters estimated at inference; it bounds the upscaling at 6x.
+MIN_DIAMETER = 5.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,20 +141,6 @@ ENCODERS: dict[str, EncoderSpec] = {
     "tiny": EncoderSpec(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,), neck_dim=64),
 }
 
-# SAM's released variants, for naming the variant of a checkpoint file in error messages.
-_SAM_VARIANTS = {(1280, 32): "vit_h"} | {
-    (spec.embed_dim, spec.depth): name for name, spec in ENCODERS.items()
-}
-
-# Path components that wrappers insert into state_dict keys: DataParallel/DDP ("module."),
-# torch.compile ("_orig_mod."), FSDP1 ("_fsdp_wrapped_module.") and activation checkpointing
-# ("_checkpoint_wrapped_module."). FSDP2 (fully_shard) adds none.
-_WRAPPER_PARTS = frozenset(
-    {"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
-)
-
-_BLOCK_KEY = re.compile(r"^(?:encoder|image_encoder)\.blocks\.(\d+)\.")
-
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
@@ -169,8 +160,14 @@ class ModelConfig:
     """Per-sample probability of skipping the last block in training; it rises linearly from 0
     at block 0. 0 disables layer drop."""
     sam_checkpoint: str | None = None
-    """SAM's released checkpoint (sam_vit_l_0b3195.pth for vit_l) that :func:`build_model` loads
-    into the encoder; None starts from random weights."""
+    """SAM's released checkpoint (sam_vit_l_0b3195.pth for vit_l) that
+    :func:`pipeline.weights.build_model` loads into the encoder; None starts from random weights."""
+    init_checkpoint: str | None = None
+    """Fine-tuning: start from these weights instead (the whole network, strictly): an official
+    Cellpose-SAM file (cpsam), this project's export (model_cellpose.pt), or a training run's
+    folder, its checkpoints/ folder or one step_* folder (weights only: the optimizer, the
+    schedule and the step start afresh). Its geometry must be this config's. Excludes
+    sam_checkpoint."""
     attention: str = "fused"
     """"fused": :class:`RelPosAttention` (one scaled_dot_product_attention call per block);
     "sam": segment-anything's attention forward. Same parameters and function either way."""
@@ -209,9 +206,15 @@ class ModelConfig:
             raise ValueError(
                 f'ModelConfig.pos_embed_init must be "normal" or "sincos"; got {self.pos_embed_init!r}'
             )
-        if self.sam_checkpoint is not None and not isinstance(self.sam_checkpoint, (str, Path)):
+        for name in ("sam_checkpoint", "init_checkpoint"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, Path)):
+                raise ValueError(f"ModelConfig.{name} must be a path or None; got {value!r}")
+        if self.sam_checkpoint is not None and self.init_checkpoint is not None:
             raise ValueError(
-                f"ModelConfig.sam_checkpoint must be a path or None; got {self.sam_checkpoint!r}"
+                f"ModelConfig.sam_checkpoint ({self.sam_checkpoint}) and init_checkpoint "
+                f"({self.init_checkpoint}) are both set; init_checkpoint replaces every weight, "
+                f"so set model.sam_checkpoint=null to fine-tune from it."
             )
 
 
@@ -403,8 +406,8 @@ class CPSAM(nn.Module):
     Parameters
     ----------
     cfg : ModelConfig
-        Variant, geometry and layer drop. ``cfg.sam_checkpoint`` is not read here; see
-        :func:`build_model`.
+        Variant, geometry and layer drop. ``cfg.sam_checkpoint`` and ``cfg.init_checkpoint``
+        are not read here; see :func:`pipeline.weights.build_model`.
 
     Attributes
     ----------
@@ -626,343 +629,6 @@ class CPSAM(nn.Module):
                 # backward, and FSDP's post-backward reduce-scatter, still run.
                 tokens = tokens + block(tokens[:1])[:0].sum()
         return tokens
-
-
-def build_model(cfg: ModelConfig) -> CPSAM:
-    """Build the model for ``cfg`` and load SAM's weights into it if ``cfg.sam_checkpoint`` is set.
-
-    Under ``torch.device("meta")`` nothing is loaded (there is no storage to load into): after
-    ``to_empty``, call ``model.init_weights()`` and then :func:`load_sam_encoder` (unsharded) or
-    feed :func:`read_sam_encoder`'s dict to ``set_model_state_dict`` (sharded).
-    """
-    model = CPSAM(cfg)
-    if cfg.sam_checkpoint is not None and model.out.weight.device.type != "meta":
-        load_sam_encoder(model, cfg.sam_checkpoint)
-    return model
-
-
-# ------------------------------------------------------------------------------------------------
-# State dicts: wrapper prefixes, SAM checkpoints, Cellpose checkpoints
-# ------------------------------------------------------------------------------------------------
-
-
-def unwrap_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Remove the key components that DDP, torch.compile, FSDP1 and checkpoint wrappers insert.
-
-    The one place in the project that knows these prefixes: ``module.``, ``_orig_mod.``,
-    ``_fsdp_wrapped_module.`` and ``_checkpoint_wrapped_module.``, wherever they occur in a key.
-
-    >>> unwrap_state_dict({"module._orig_mod.out.bias": 0, "a._checkpoint_wrapped_module.b": 1})
-    {'out.bias': 0, 'a.b': 1}
-    """
-    unwrapped: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        if not isinstance(key, str):
-            raise ValueError(f"state_dict keys must be str; got {key!r}. Is this a state dict?")
-        clean = ".".join(part for part in key.split(".") if part not in _WRAPPER_PARTS)
-        if clean in unwrapped:
-            raise ValueError(
-                f"state_dict has two tensors for {clean!r} once wrapper prefixes are removed "
-                f"(one is {key!r}); save the unwrapped model's state_dict."
-            )
-        unwrapped[clean] = value
-    return unwrapped
-
-
-def _full_tensor(value: Tensor) -> Tensor:
-    # A sharded DTensor (FSDP2) becomes the whole tensor; this is a collective, so every rank
-    # must make the same call.
-    if hasattr(value, "full_tensor"):
-        value = value.full_tensor()
-    return value.detach()
-
-
-def _variant_name(embed_dim: int, depth: int) -> str:
-    name = _SAM_VARIANTS.get((embed_dim, depth), "an unknown variant")
-    return f"{name} (embed_dim {embed_dim}, depth {depth})"
-
-
-def _encoder_depth(keys) -> int:
-    indexes = [int(m.group(1)) for k in keys if (m := _BLOCK_KEY.match(k))]
-    return max(indexes) + 1 if indexes else 0
-
-
-def _check_keys_and_shapes(
-    found: Mapping[str, Tensor], expected: Mapping[str, Tensor], what: str
-) -> None:
-    """Raise a ValueError listing missing, unexpected and mis-shaped keys."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    misshaped = [
-        f"{k} {tuple(found[k].shape)} (expected {tuple(expected[k].shape)})"
-        for k in expected
-        if k in found and tuple(found[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or misshaped:
-        parts = []
-        for label, items in (
-            ("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)
-        ):
-            if items:
-                more = f", ... ({len(items)} in all)" if len(items) > 5 else ""
-                parts.append(f"{label}: " + ", ".join(items[:5]) + more)
-        raise ValueError(f"{what} does not match the model; " + "; ".join(parts))
-
-
-def read_sam_encoder(path: str | Path, cfg: ModelConfig) -> dict[str, Tensor]:
-    """Read SAM's released checkpoint and adapt its image encoder to ``cfg``'s geometry.
-
-    Parameters
-    ----------
-    path : str or Path
-        SAM's checkpoint (``sam_vit_l_0b3195.pth`` for vit_l, ``sam_vit_b_01ec64.pth`` for vit_b):
-        a flat dict with ``image_encoder.*`` keys; other keys (prompt encoder, mask decoder) are
-        ignored.
-    cfg : ModelConfig
-        The model to adapt to; its encoder variant must be the file's.
-
-    Returns
-    -------
-    dict of str to Tensor
-        ``encoder.*`` keys in :class:`CPSAM`'s layout, float32 on the CPU: the patch-embedding
-        kernel subsampled to ``cfg.patch_size`` (every ``16 // patch_size``-th tap, no rescaling,
-        bias kept), the position embedding subsampled to ``image_size // patch_size`` tokens per
-        side (SAM's 64x64 grid with stride 2 for the paper's 256 / 8), everything else as is.
-
-    Raises
-    ------
-    FileNotFoundError
-        If ``path`` is not a file.
-    ValueError
-        If the file is not a SAM checkpoint, is another variant than ``cfg.encoder``, or its
-        geometry cannot be subsampled to ``cfg``'s.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"SAM checkpoint not found: {path}. Download SAM's released weights (vit_l: "
-            f"https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth) or set "
-            f"ModelConfig.sam_checkpoint to None to start from random weights."
-        )
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
-        raise ValueError(f"{path} is not a readable torch checkpoint: {error}") from error
-    if not isinstance(raw, Mapping):
-        raise ValueError(
-            f"{path} is not a SAM checkpoint: it holds a {type(raw).__name__}, not a state dict"
-        )
-    prefix = "image_encoder."
-    sam = {
-        k[len(prefix) :]: v for k, v in raw.items() if isinstance(k, str) and k.startswith(prefix)
-    }
-    if not sam or "patch_embed.proj.weight" not in sam:
-        hint = ""
-        if "W2" in unwrap_state_dict({k: v for k, v in raw.items() if isinstance(k, str)}):
-            hint = " It looks like a Cellpose checkpoint (it has W2); load it with from_cellpose."
-        some = ", ".join(list(map(str, raw))[:4])
-        raise ValueError(
-            f"{path} is not a SAM checkpoint: it has no image_encoder.patch_embed.proj.weight "
-            f"(its first keys: {some or 'none'}).{hint}"
-        )
-
-    spec = ENCODERS[cfg.encoder]
-    patch_weight, pos_embed = sam["patch_embed.proj.weight"], sam.get("pos_embed")
-    file_dims = (patch_weight.shape[0], _encoder_depth(prefix + k for k in sam))
-    if file_dims != (spec.embed_dim, spec.depth):
-        raise ValueError(
-            f"{path} holds SAM {_variant_name(*file_dims)} weights, but the model is "
-            f"{cfg.encoder} (embed_dim {spec.embed_dim}, depth {spec.depth}). Use the "
-            f"{cfg.encoder} checkpoint or set ModelConfig.encoder to the file's variant."
-        )
-
-    # Patch embedding: (D, 3, 16, 16) -> (D, 3, p, p) by taking every (16 // p)-th tap.
-    kernel = patch_weight.shape[-1]
-    if patch_weight.ndim != 4 or kernel % cfg.patch_size:
-        raise ValueError(
-            f"{path}: the patch-embedding kernel {tuple(patch_weight.shape)} cannot be subsampled "
-            f"to patch_size {cfg.patch_size} (the kernel side must be a multiple of it)"
-        )
-    tap_step = kernel // cfg.patch_size
-    sam["patch_embed.proj.weight"] = patch_weight[:, :, ::tap_step, ::tap_step]
-    # Absolute position embedding: (1, 64, 64, D) -> (1, t, t, D) with stride 64 // t.
-    tokens_per_side = cfg.image_size // cfg.patch_size
-    if pos_embed is None or pos_embed.ndim != 4 or pos_embed.shape[1] % tokens_per_side:
-        shape = None if pos_embed is None else tuple(pos_embed.shape)
-        raise ValueError(
-            f"{path}: the position embedding {shape} cannot be subsampled to {tokens_per_side} "
-            f"tokens per side (image_size {cfg.image_size} / patch_size {cfg.patch_size})"
-        )
-    grid_step = pos_embed.shape[1] // tokens_per_side
-    sam["pos_embed"] = pos_embed[:, ::grid_step, ::grid_step]
-
-    adapted = {"encoder." + k: v.float().contiguous() for k, v in sam.items()}
-    with torch.device("meta"):
-        expected = {k: v for k, v in CPSAM(cfg).state_dict().items() if k.startswith("encoder.")}
-    _check_keys_and_shapes(adapted, expected, f"SAM checkpoint {path}")
-    return {k: adapted[k] for k in expected}  # in the model's key order
-
-
-def load_sam_encoder(model: CPSAM, path: str | Path) -> None:
-    """Load SAM's released checkpoint into ``model.encoder``, adapted as the paper does.
-
-    See :func:`read_sam_encoder` for the adaptation and the errors. The readout and the
-    diameter buffers are left as they are. ``model`` must be unsharded; for an FSDP2 model,
-    pass :func:`read_sam_encoder`'s dict to
-    ``torch.distributed.checkpoint.state_dict.set_model_state_dict`` with ``full_state_dict``.
-    """
-    encoder_state = read_sam_encoder(path, model.cfg)
-    with torch.no_grad():
-        result = model.load_state_dict(encoder_state, strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys
-    assert all(not k.startswith("encoder.") for k in result.missing_keys), result.missing_keys
-
-
-def _cellpose_config(state: Mapping[str, Tensor]) -> tuple[str, int, int]:
-    """(encoder variant, patch_size, image_size) from a Cellpose-layout state dict's shapes."""
-    try:
-        patch_weight = state["encoder.patch_embed.proj.weight"]
-        pos_embed = state["encoder.pos_embed"]
-        rel_pos_h = state["encoder.blocks.0.attn.rel_pos_h"]
-        neck = state["encoder.neck.0.weight"]
-        out = state["out.weight"]
-    except KeyError as error:
-        raise ValueError(
-            f"not a CP-SAM state dict: key {error} is missing (expected Cellpose 4's cpsam layout)"
-        ) from None
-    embed_dim, _, patch_size, _ = patch_weight.shape
-    depth = _encoder_depth(state)
-    head_dim = rel_pos_h.shape[1]
-    windowed_rows = 2 * SAM_WINDOW_SIZE - 1
-    found = EncoderSpec(
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=embed_dim // head_dim,
-        global_attn_indexes=tuple(
-            i for i in range(depth)
-            if f"encoder.blocks.{i}.attn.rel_pos_h" in state
-            and state[f"encoder.blocks.{i}.attn.rel_pos_h"].shape[0] != windowed_rows
-        ),
-        neck_dim=neck.shape[0],
-    )
-    names = [name for name, spec in ENCODERS.items() if spec == found]
-    if not names:
-        raise ValueError(
-            f"the checkpoint's encoder matches no known variant: {found}; known: {ENCODERS}"
-        )
-    if out.shape[0] != NUM_OUTPUTS * patch_size**2:
-        raise ValueError(
-            f"the checkpoint's readout has {out.shape[0]} channels; a CP-SAM with patch size "
-            f"{patch_size} has {NUM_OUTPUTS * patch_size**2} (dy, dx, cellprob). Models with "
-            f"extra (semantic) outputs are not supported."
-        )
-    return names[0], patch_size, pos_embed.shape[1] * patch_size
-
-
-def _pixel_shuffle_weight(patch_size: int) -> Tensor:
-    """Cellpose's W2: (3 p p, 3, p, p) identity; conv_transpose2d with it is pixel_shuffle(p)."""
-    channels = NUM_OUTPUTS * patch_size**2
-    return torch.eye(channels).reshape(channels, NUM_OUTPUTS, patch_size, patch_size)
-
-
-def from_cellpose(state_dict: Mapping[str, Tensor], cfg: ModelConfig | None = None) -> CPSAM:
-    """Build a :class:`CPSAM` from a Cellpose 4 ``cpsam`` checkpoint (or one of our exports).
-
-    Parameters
-    ----------
-    state_dict : mapping of str to Tensor
-        The loaded file (``torch.load(path, weights_only=True)``), in the layout of paper.md 2b:
-        ``diam_labels``, ``diam_mean``, ``W2``, ``encoder.*``, ``out.*``. Wrapper prefixes
-        (``module.`` and the others :func:`unwrap_state_dict` knows) are removed first.
-    cfg : ModelConfig, optional
-        The config to build. Its encoder, patch_size and image_size must match the checkpoint's
-        shapes; its other fields (layer_drop, in_channels) are used as they are. None infers
-        the shape from the checkpoint and takes the defaults for the rest.
-
-    Returns
-    -------
-    CPSAM
-        In eval mode (a finished model; call ``.train()`` to fine-tune), float32, on the
-        checkpoint's device. Its tensors are the checkpoint's own (no copy) when those are
-        float32: modifying one modifies the other.
-
-    Raises
-    ------
-    ValueError
-        If there is no ``W2`` (not a Cellpose 4 model, e.g. Cellpose 3), it is a CP-DINO model,
-        ``W2`` is not the pixel-shuffle identity, or any key or shape differs from a CP-SAM's.
-    """
-    state = unwrap_state_dict(state_dict)
-    if "W2" not in state:
-        raise ValueError(
-            "this checkpoint has no W2 tensor, so it is not a Cellpose 4 (CP-SAM) model; "
-            "Cellpose 3 (CPnet) models cannot be loaded. Pass a cpsam checkpoint."
-        )
-    if "encoder.cls_token" in state:
-        raise ValueError(
-            "this is a CP-DINO checkpoint (it has encoder.cls_token); only CP-SAM is supported"
-        )
-    encoder, patch_size, image_size = _cellpose_config(state)
-    if cfg is None:
-        cfg = ModelConfig(encoder=encoder, patch_size=patch_size, image_size=image_size)
-    elif (cfg.encoder, cfg.patch_size, cfg.image_size) != (encoder, patch_size, image_size):
-        raise ValueError(
-            f"the checkpoint is encoder={encoder!r}, patch_size={patch_size}, image_size="
-            f"{image_size}; the config asks for encoder={cfg.encoder!r}, patch_size="
-            f"{cfg.patch_size}, image_size={cfg.image_size}. Change the config to match."
-        )
-    shuffle, identity = state.pop("W2"), _pixel_shuffle_weight(patch_size)
-    # (A meta state dict has shapes only; its values cannot be checked.)
-    if shuffle.shape != identity.shape or (
-        not shuffle.is_meta and not torch.equal(_full_tensor(shuffle).float().cpu(), identity)
-    ):
-        raise ValueError(
-            f"W2 {tuple(shuffle.shape)} is not the identity that makes conv_transpose2d a "
-            f"pixel shuffle; this model's readout cannot be reproduced here"
-        )
-    with torch.device("meta"):
-        model = CPSAM(cfg)
-    _check_keys_and_shapes(state, model.state_dict(), "the Cellpose checkpoint")
-    # assign=True puts the checkpoint's tensors in place of the meta ones: no second copy of a
-    # 1.2 GB model, and no random init that would be overwritten.
-    model.load_state_dict(
-        {k: _full_tensor(v).float() for k, v in state.items()}, strict=True, assign=True
-    )
-    return model.eval()
-
-
-def to_cellpose(model: CPSAM | Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Our weights in Cellpose 4's ``cpsam`` layout (paper.md 2b), ready for ``torch.save``.
-
-    Parameters
-    ----------
-    model : CPSAM (possibly wrapped by DDP, torch.compile, FSDP or checkpoint wrappers) or its
-        state dict (e.g. from ``get_model_state_dict(..., full_state_dict=True)``)
-        Sharded DTensors are gathered with ``full_tensor()``, a collective that every rank must
-        enter.
-
-    Returns
-    -------
-    dict of str to Tensor
-        float32 CPU tensors in Cellpose's order: ``diam_labels``, ``diam_mean``, ``W2`` (the
-        pixel-shuffle identity, (3 p p, 3, p, p)), ``encoder.*``, ``out.*``. 350 tensors for
-        vit_l. Loads into ``cellpose.vit.CPSAM`` with ``strict=True``. Tensors may share storage
-        with the model.
-    """
-    state = model.state_dict() if isinstance(model, nn.Module) else model
-    state = unwrap_state_dict(state)
-    encoder, patch_size, image_size = _cellpose_config(state)
-    with torch.device("meta"):
-        expected = CPSAM(ModelConfig(encoder=encoder, patch_size=patch_size, image_size=image_size))
-    _check_keys_and_shapes(state, expected.state_dict(), "the state dict")
-    # A meta model exports meta tensors: keys and shapes without storage, for checks.
-    device = "meta" if state["out.weight"].is_meta else "cpu"
-    cellpose = {}
-    for key in expected.state_dict():
-        cellpose[key] = _full_tensor(state[key]).to(device=device, dtype=torch.float32)
-        if key == "diam_mean":
-            cellpose["W2"] = _pixel_shuffle_weight(patch_size).to(device)
-    return cellpose
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ simplest kind, fluorescent nuclei; all five kinds need far longer.
 
 import argparse
 import csv
-import json
 import sys
 import time
 from collections import defaultdict
@@ -42,6 +41,7 @@ from chain import benchmark, curves, export_images, infer, train  # noqa: E402
 from figure import render_figure  # noqa: E402
 from pipeline.io import read_image  # noqa: E402
 from pipeline.synthetic import KINDS  # noqa: E402
+from pipeline.weights import EXPORT_NAME, read_sidecar  # noqa: E402
 from shardgen.build import BuildConfig, build_dataset  # noqa: E402
 from shardgen.verify import verify  # noqa: E402
 
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     shards = make_shards(out, args.n_train, args.n_test, args.kinds, workers=args.nproc)
     run_dir = out / "run"
     minutes = train(shards, run_dir, args.minutes, args.nproc, args.overrides, out / "train.log", config="demo.yaml")
-    checkpoint = run_dir / "model_cellpose.pt"
+    checkpoint = run_dir / EXPORT_NAME
     # The table from the shards' test split (as trained: at the images' own scale), then the
     # masks and overlays of the same images as files.
     _, rows = benchmark(shards, checkpoint, out / "benchmark", ("--diameter", "none"))
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         writer.writeheader()
         writer.writerows({"kind": kind, **values} for kind, values in summary.items())
 
-    steps = json.loads((run_dir / "model_cellpose.json").read_text())["step"]
+    steps = read_sidecar(run_dir / EXPORT_NAME).step
     title = (f"tiny CP-SAM from random weights, {minutes:.1f} min / {steps} steps on {args.nproc} CPU processes; "
              f"held-out synthetic images, AP@0.5 {summary['all']['ap@0.5']:.2f} (red: predicted outlines)")
     path = figure(out, rows, run_dir, title)
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     print_summary(summary)
     print(f"\nfigure: {path}\nmasks and overlays: {out / 'predictions'}\n"
           f"table and per-image scores: {out / 'benchmark'} (benchmark.md, benchmark.json, images.csv)"
-          f"\nmodel (Cellpose layout): {run_dir / 'model_cellpose.pt'}   total {(time.time() - start) / 60:.1f} min")
+          f"\nmodel (Cellpose layout): {run_dir / EXPORT_NAME}   total {(time.time() - start) / 60:.1f} min")
     return 0
 
 

@@ -58,6 +58,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn.functional as F
 
+from pipeline.model import DIAMETER_MEAN, MIN_DIAMETER
+
 if TYPE_CHECKING:  # only for annotations: augment reads the Batch's fields, nothing else
     from train.data import Batch
 
@@ -86,9 +88,9 @@ class AugmentConfig:
 
     crop_size: int = 256
     """Side of the square output crop in pixels (the network's input size)."""
-    target_diameter: float = 30.0
+    target_diameter: float = DIAMETER_MEAN
     """Median object diameter every image is rescaled to before the random zoom."""
-    min_diameter: float = 5.0
+    min_diameter: float = MIN_DIAMETER
     """Diameters below this are raised to it before the rescale (Cellpose clips at 5)."""
     zoom_log2_range: tuple[float, float] = (-2.0, 2.0)
     """Random zoom is 2**U(low, high) on top of the rescale: 0.25-4x, diameters 7.5-120 px."""
@@ -419,7 +421,7 @@ def _draw_params(
     downsample = degrade & (uniform() < cfg.downsample_prob)
     factor = 2 + (uniform() * (cfg.downsample_max - 1)).long().clamp(max=cfg.downsample_max - 2)
     blur = degrade & ((uniform() < cfg.blur_prob) | downsample)
-    diameter_ratio = zoom * cfg.target_diameter / 30.0
+    diameter_ratio = zoom * cfg.target_diameter / DIAMETER_MEAN
     exponential = -torch.log1p(-uniform())
     iso_sigma = cfg.blur_sigma_max * (_ISO_BLUR_EXP_SCALE * exponential).clamp(*_ISO_BLUR_CLIP)
     aniso_sigma = torch.where(

@@ -22,6 +22,7 @@ a folder that looks complete) with ``meta.json`` (step, config) beside the shard
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -33,6 +34,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from pipeline import weights
+from pipeline.model import CPSAM, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -201,3 +205,50 @@ class Checkpointer:
 
     def close(self) -> None:
         """Nothing is left running (saves are synchronous); kept for the contract."""
+
+
+def read_init_weights(path: str | Path, model_cfg: ModelConfig) -> dict:
+    """The weights a fine-tuning run starts from (``model.init_checkpoint``), as a full state dict.
+
+    ``path`` is a weights file (an official cpsam file or an export: read by
+    ``pipeline.weights.read_init_weights``) or a training run's DCP checkpoint: the run folder,
+    its ``checkpoints/`` folder (the newest step is used) or one ``step_*`` folder. Of a DCP
+    checkpoint only the model is read, on this process alone (no collectives): the optimizer,
+    the schedule and the step start afresh. The checkpoint's geometry (its meta.json) must be
+    ``model_cfg``'s, and every weight must be present with the model's shape.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return weights.read_init_weights(path, model_cfg)
+    step_dir = _newest_step_dir(path)
+    saved = json.loads((step_dir / "meta.json").read_text()).get("config", {}).get("model", {})
+    geometry = ("encoder", "patch_size", "image_size")
+    if any(name in saved and saved[name] != getattr(model_cfg, name) for name in geometry):
+        have = ", ".join(f"{name}={saved.get(name)!r}" for name in geometry)
+        want = ", ".join(f"{name}={getattr(model_cfg, name)!r}" for name in geometry)
+        raise ValueError(
+            f"{step_dir}: the init checkpoint is {have}, but the config asks for {want}. Set "
+            f"model.encoder / model.patch_size / model.image_size to the checkpoint's."
+        )
+    # Storage of the right shapes for DCP to fill; random values that are all overwritten.
+    target = CPSAM(dataclasses.replace(model_cfg, sam_checkpoint=None, init_checkpoint=None)).state_dict()
+    try:
+        dcp.load({"model": target}, checkpoint_id=str(step_dir), no_dist=True)
+    except Exception as error:  # DCP reports missing keys and shape mismatches as several types
+        raise ValueError(f"{step_dir}: cannot read the model weights for {model_cfg.encoder}: {error}") from error
+    return dict(target)
+
+
+def _newest_step_dir(path: Path) -> Path:
+    """``path`` if it is one checkpoint, else the newest checkpoint in it or in its checkpoints/."""
+    if (path / "meta.json").is_file():
+        return path
+    for folder in (path / "checkpoints", path):
+        steps = checkpoint_steps(folder)
+        if steps:
+            return folder / f"{_PREFIX}{steps[-1]:07d}"
+    found = sorted(p.name for p in path.iterdir())[:10]
+    raise FileNotFoundError(
+        f"{path}: no training checkpoint here (expected a run folder with checkpoints/{_PREFIX}*/, "
+        f"a checkpoints/ folder or one {_PREFIX}* folder with meta.json); found: {found or 'nothing'}"
+    )

@@ -63,6 +63,7 @@ import webdataset as wds
 import yaml
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.model import DIAMETER_MEAN
 from pipeline.shards import (
     MANIFEST_FILE,
     TRAIN_SPLITS,
@@ -639,7 +640,7 @@ def _padding_batch(side: int = 16) -> Batch:
         labels=torch.zeros((1, side, side), dtype=torch.int32),
         ignore=torch.ones((1, side, side), dtype=torch.bool),
         valid=torch.zeros((1, side, side), dtype=torch.bool),
-        diameters=torch.tensor([30.0]),
+        diameters=torch.tensor([DIAMETER_MEAN]),
         datasets=[""],
         keys=[""],
     )

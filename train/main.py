@@ -2,11 +2,14 @@
 
 Parses, builds the config, runs the trainer, always closes it and the process group. Options
 other than --config and --resume are dotted config fields (train/config.py); there are no others.
+Run without torchrun (``python train/main.py ...``), it is one process: the rendezvous variables
+torchrun would set are filled in for a world of one.
 """
 
 import argparse
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -42,8 +45,24 @@ def parse(argv=None):
         parser.error(str(error))
 
 
+def set_single_process_env() -> bool:
+    """Without torchrun, make this process a world of one (rank 0, a free local port); True if
+    it did. Under torchrun (RANK set) nothing changes."""
+    if "RANK" in os.environ or dist.is_initialized():
+        return False
+    with socket.socket() as probe:  # a port nobody listens on, for the one-process rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for name, value in defaults.items():
+        os.environ.setdefault(name, value)
+    return True
+
+
 def main(argv=None) -> int:
     cfg = parse(argv)
+    set_single_process_env()
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")

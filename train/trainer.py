@@ -28,9 +28,10 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from tqdm import tqdm
 
-from pipeline.model import ENCODERS, ModelConfig, build_model, forward_flops_parts, sample_layer_drop, to_cellpose
+from pipeline.model import ENCODERS, FLOW_SCALE, ModelConfig, forward_flops_parts, sample_layer_drop
+from pipeline.weights import EXPORT_NAME, build_model, write_export
 from train.augment import augment
-from train.checkpoint import Checkpointer, resume_step
+from train.checkpoint import Checkpointer, read_init_weights, resume_step
 from train.config import TrainConfig
 from train.data import build_train_loader, build_val_loader, steps_per_epoch
 from train.evaluation import evaluate_ap
@@ -60,8 +61,6 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("A10G", 70.0),
     ("A10", 125.0),
 )
-# The network predicts 5 x the unit flows (paper.md 1b).
-FLOW_SCALE = 5.0
 # Seed tags of a step's generators, so that two purposes never share a seed.
 _TAG_LAYER_DROP, _TAG_DROP_COUNTS = 1, 2
 
@@ -214,11 +213,14 @@ class Trainer:
         parallelize(self.model, self.mesh, cfg.parallel)
 
         # 3. Materialise and initialise: rank 0 builds the full model on the CPU (seeded init;
-        #    build_model loads SAM's encoder weights when model.sam_checkpoint is set) and
-        #    broadcasts it into the shards.
+        #    build_model loads SAM's encoder weights when model.sam_checkpoint is set), or reads
+        #    model.init_checkpoint's weights to fine-tune, and broadcasts them into the shards.
         self.model.to_empty(device=self.device)
         full_state = {}
-        if self.rank == 0:
+        if self.rank == 0 and cfg.model.init_checkpoint is not None:
+            full_state = read_init_weights(cfg.model.init_checkpoint, cfg.model)
+            log.info("starting from the weights of %s", cfg.model.init_checkpoint)
+        elif self.rank == 0:
             torch.manual_seed(cfg.seed)
             initial = build_model(cfg.model)
             full_state = initial.state_dict()
@@ -328,7 +330,7 @@ class Trainer:
                 window_aside, window_losses = 0.0, None
         progress.close()
         if self.step == total or out_of_time:
-            self.export(self.run_dir / "model_cellpose.pt")
+            self.export(self.run_dir / EXPORT_NAME)
 
     def train_step(self, batches) -> dict[str, torch.Tensor]:
         """One optimizer step over ``accumulation`` micro-batches; returns device tensors.
@@ -498,13 +500,10 @@ class Trainer:
         log.info("step %d %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in values.items()))
 
     def export(self, path: Path) -> None:
-        """The current weights as one file in Cellpose's cpsam layout (a collective)."""
+        """The current weights as one file in Cellpose's cpsam layout, with its json (a collective)."""
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(to_cellpose(state), tmp)
-            os.replace(tmp, path)
-            (path.with_suffix(".json")).write_text(json.dumps({"model": self.cfg.to_dict()["model"], "step": self.step}))
+            write_export(path, state, self.cfg.model, self.step)
             log.info("exported %s", path)
         dist.barrier()
 

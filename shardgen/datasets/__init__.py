@@ -28,6 +28,7 @@ NAMES = (
     "conic",
     "pannuke",
     "folder",
+    "cellpose_folder",
     "instance_pngs",
     "synthetic",
 )

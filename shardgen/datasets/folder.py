@@ -148,7 +148,7 @@ def find_items(root: Path, split: str) -> list[Item]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _read_mask(path: Path) -> np.ndarray:
+def read_mask(path: Path) -> np.ndarray:
     """(H, W) integer mask; a mask saved with identical channels (RGB, gray + alpha) is accepted."""
     try:
         return read_labels(path)
@@ -179,6 +179,6 @@ def load(root: Path, item: Item) -> Loaded:
         if not (root / rel).is_file():
             raise ItemError(f"{where}{kind} {rel} does not exist (paths are relative to {root})")
     image = merge_identical_channels(as_uint_image(read_image(root / image_rel)))
-    labels = instances_from_mask(_read_mask(root / mask_rel))
+    labels = instances_from_mask(read_mask(root / mask_rel))
     check_same_size(image, labels, image_rel, mask_rel)
     return Loaded(image=image, labels=labels, channel_names=generic_channel_names(image.shape[2]))

@@ -27,7 +27,8 @@ from infer.benchmark import BenchmarkConfig, score_rows, score_sample, select_ro
 from infer.evaluate import evaluate, mean_row, score_masks
 from infer.predict import PredictConfig, predict
 from pipeline.io import write_labels
-from pipeline.model import ModelConfig, build_model, to_cellpose
+from pipeline.model import ModelConfig
+from pipeline.weights import build_model, to_cellpose
 from pipeline.shards import iter_samples
 from shardgen.base import DatasetInfo, Item, Loaded
 from shardgen.build import BuildConfig, build_dataset, finalize

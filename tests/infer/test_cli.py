@@ -25,7 +25,8 @@ from infer import cli
 from infer.cli import _find_jobs, _parser, _share
 from infer.predict import PredictConfig, load_model, predict
 from pipeline.io import read_labels
-from pipeline.model import ModelConfig, build_model, to_cellpose
+from pipeline.model import ModelConfig
+from pipeline.weights import build_model, to_cellpose
 from pipeline.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,7 +112,7 @@ def test_option_list_is_pinned():
     assert options == sorted([
         "-h", "--help", "--checkpoint", "--out", "--glob", "--overwrite", "--no-overwrite",
         "--save-flows", "--no-save-flows", "--save-outlines", "--no-save-outlines", "--save-rois",
-        "--no-save-rois", "--channels", "--device", "--precision", "--diameter", "--augment", "--no-augment",
+        "--no-save-rois", "--save-seg", "--no-save-seg", "--channels", "--device", "--precision", "--diameter", "--augment", "--no-augment",
         "--tile-overlap", "--batch-size", "--normalize", "--no-normalize", "--niter",
         "--cellprob-threshold", "--flow-threshold", "--min-size", "--max-size-fraction",
     ])
@@ -438,6 +439,28 @@ def test_outputs_beside_the_images_are_not_taken_as_inputs(tmp_path, checkpoint)
     rows = read_summary(folder / "summary.csv", folder)
     assert {name: row["status"] for name, row in rows.items()} == {"x.tif": "skipped"}
     assert not list(folder.glob("*_masks_*"))
+
+
+def test_save_seg_writes_what_cellpose_loads_as_training_labels(tmp_path, checkpoint):
+    # The GUI loop: our <name>_seg.npy beside the image is what Cellpose 4 itself trains from
+    # (cellpose.io.load_train_test_data with --mask_filter _seg.npy), with our masks inside.
+    io = pytest.importorskip("cellpose.io")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(2):
+        tifffile.imwrite(folder / f"img{index}.tif", generate("nuclei", (80, 96), seed=index)[0][..., 0])
+    args = [str(folder), "--checkpoint", str(checkpoint), "--out", str(folder), "--save-seg", *MASK_OPTIONS]
+    assert cli.main(args) == 0
+    images, labels, names, *_ = io.load_train_test_data(str(folder), mask_filter="_seg.npy")
+    assert [Path(name).name for name in names] == ["img0.tif", "img1.tif"]
+    for name, label in zip(names, labels):
+        ours = read_labels(Path(name).with_name(Path(name).stem + "_masks.tif"))
+        np.testing.assert_array_equal(label, ours)
+        assert label.max() > 0  # the random model's masks are not all empty: a real comparison
+    record = np.load(folder / "img0_seg.npy", allow_pickle=True).item()
+    assert record["filename"] == str(folder / "img0.tif")
+    assert cli.main(args) == 0  # the second run finds the _seg.npy and skips
+    assert read_summary(folder / "summary.csv", folder)["img0.tif"]["status"] == "skipped"
 
 
 @pytest.mark.slow

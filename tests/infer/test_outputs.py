@@ -203,3 +203,58 @@ def test_outline_pixels_border_between_masks_and_image_edge():
 def test_overlay_checks_shapes():
     with pytest.raises(ValueError, match="masks"):
         outline_overlay(np.zeros((5, 6)), np.zeros((6, 5), np.uint16))
+
+
+# ------------------------------------------------------------------------------------------------
+# Cellpose GUI files
+# ------------------------------------------------------------------------------------------------
+
+
+def prediction_like(seed=0, shape=(70, 90)):
+    """Masks of a synthetic image, its ground-truth flows x 5 and a cellprob, as predict gives."""
+    from pipeline.flows import masks_to_flows
+
+    _, masks = generate("nuclei", shape, seed=seed)
+    rng = np.random.default_rng(seed)
+    flows = (5 * masks_to_flows(masks) + rng.normal(0, 0.3, (2, *shape))).astype(np.float32)
+    cellprob = np.where(masks > 0, 3.0, -3.0).astype(np.float32) + rng.normal(0, 1, shape).astype(np.float32)
+    return masks.astype(np.uint16), flows, cellprob
+
+
+def test_seg_record_is_what_cellpose_masks_flows_to_seg_saves(tmp_path):
+    # The expected file is Cellpose 4.2.1.1's own io.masks_flows_to_seg, given what its eval
+    # returns for a 2-D image: flows = [plot.dx_to_circ(dP), dP, cellprob].
+    io = pytest.importorskip("cellpose.io")
+    plot = pytest.importorskip("cellpose.plot")
+    from infer.outputs import seg_record, write_seg
+
+    masks, flows, cellprob = prediction_like()
+    image_path = tmp_path / "cells.tif"
+    io.masks_flows_to_seg(np.zeros(masks.shape, np.float32), masks, [plot.dx_to_circ(flows), flows, cellprob],
+                          str(image_path))
+    theirs = np.load(tmp_path / "cells_seg.npy", allow_pickle=True).item()
+    write_seg(tmp_path / "ours_seg.npy", seg_record(image_path, masks, flows, cellprob, diameter=None))
+    ours = np.load(tmp_path / "ours_seg.npy", allow_pickle=True).item()
+    assert sorted(ours) == sorted(theirs)
+    assert ours["filename"] == theirs["filename"] and ours["chan_choose"] == theirs["chan_choose"]
+    assert np.isnan(ours["diameter"]) and np.isnan(theirs["diameter"])
+    for key in ("masks", "ismanual"):
+        assert ours[key].dtype == theirs[key].dtype
+        np.testing.assert_array_equal(ours[key], theirs[key])
+    assert len(ours["flows"]) == len(theirs["flows"]) == 5 and ours["flows"][3] == theirs["flows"][3] == []
+    for index in (0, 1, 2, 4):
+        assert ours["flows"][index].dtype == theirs["flows"][index].dtype, index
+        np.testing.assert_array_equal(ours["flows"][index], theirs["flows"][index])
+    # Outlines: Cellpose traces outer contours with OpenCV, we take 4-neighbour borders; on
+    # these convex nuclei they are the same pixels (see seg_record's notes).
+    assert ours["outlines"].dtype == theirs["outlines"].dtype
+    assert np.mean(ours["outlines"] != theirs["outlines"]) < 0.002
+
+
+def test_seg_record_checks_shapes_and_keeps_the_diameter(tmp_path):
+    from infer.outputs import seg_record
+
+    masks, flows, cellprob = prediction_like(seed=1)
+    assert seg_record(tmp_path / "a.png", masks, flows, cellprob, diameter=17.25)["diameter"] == 17.25
+    with pytest.raises(ValueError, match="seg_record takes"):
+        seg_record(tmp_path / "a.png", masks, flows[:1], cellprob, None)

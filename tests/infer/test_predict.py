@@ -23,6 +23,7 @@ import torch
 
 from infer import predict as predict_module
 from pipeline import model as model_module
+from pipeline import weights
 from infer.predict import (
     DIAMETER_MEAN,
     TILE_SIZE,
@@ -715,12 +716,12 @@ def test_overlap_defaults_to_the_gpu_only(monkeypatch):
 def tiny_model(in_channels=3, seed=0):
     torch.manual_seed(seed)
     cfg = model_module.ModelConfig(encoder="tiny", in_channels=in_channels)
-    return model_module.build_model(cfg).eval()
+    return weights.build_model(cfg).eval()
 
 
 def export(model, path, step=7):
     """Write ``model`` as the trainer exports it: Cellpose layout plus <stem>.json."""
-    torch.save(model_module.to_cellpose(model), path)
+    torch.save(weights.to_cellpose(model), path)
     # As train/trainer.py writes it: every ModelConfig field, incl. the SAM weights it started from.
     fields = dataclasses.asdict(model.cfg) | {"sam_checkpoint": "sam_vit_l_0b3195.pth"}
     path.with_suffix(".json").write_text(json.dumps({"model": fields, "step": step}))
@@ -771,7 +772,7 @@ def test_official_layout_without_json_loads_from_shapes(tmp_path):
     # An official cpsam file has no json; the variant comes from the tensor shapes (a ViT-L in
     # the real file, the tiny variant here) and in_channels is 3.
     model = tiny_model()
-    torch.save(model_module.to_cellpose(model), tmp_path / "cpsam")
+    torch.save(weights.to_cellpose(model), tmp_path / "cpsam")
     loaded = load_model(tmp_path / "cpsam", device="cpu", dtype=torch.float32)
     assert loaded.cfg.encoder == "tiny" and loaded.cfg.in_channels == 3
     image = np.random.default_rng(1).random((64, 64, 2)).astype(np.float32)

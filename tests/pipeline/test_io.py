@@ -917,3 +917,53 @@ def test_real_sample_suffixes_are_supported(shared_data):
         if p.is_file() and p.suffix.lower() in {".png", ".tif", ".tiff"}
     }
     assert suffixes <= set(SUPPORTED_SUFFIXES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cellpose GUI files (_seg.npy)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_read_seg_reads_what_cellpose_writes(tmp_path):
+    # The file is written by Cellpose 4.2.1.1's own io.masks_flows_to_seg (what its CLI and
+    # GUI save); what comes back must be its masks.
+    cp_io = pytest.importorskip("cellpose.io")
+    from pipeline.io import read_seg
+
+    masks = np.zeros((40, 50), np.uint16)
+    masks[5:15, 5:20], masks[20:35, 25:45] = 1, 2
+    dP = np.zeros((2, 40, 50), np.float32)
+    cellprob = np.where(masks > 0, 2.0, -2.0).astype(np.float32)
+    rgb = np.zeros((40, 50, 3), np.uint8)
+    cp_io.masks_flows_to_seg(np.zeros((40, 50), np.float32), masks, [rgb, dP, cellprob], str(tmp_path / "im.png"))
+    record = read_seg(tmp_path / "im_seg.npy")
+    np.testing.assert_array_equal(record["masks"], masks)
+    assert record["masks"].dtype == np.uint16 and record["filename"] == str(tmp_path / "im.png")
+    assert len(record["ismanual"]) == 2
+
+
+def test_read_seg_refuses_bad_files_and_code(tmp_path):
+    from pipeline.io import read_seg
+
+    with pytest.raises(FileNotFoundError, match="nowhere_seg.npy"):
+        read_seg(tmp_path / "nowhere_seg.npy")
+    np.save(tmp_path / "plain_seg.npy", np.zeros((4, 4), np.uint16))
+    with pytest.raises(ValueError, match="plain_seg.npy: not a Cellpose _seg.npy file"):
+        read_seg(tmp_path / "plain_seg.npy")
+    np.save(tmp_path / "nomasks_seg.npy", np.array({"outlines": np.zeros((4, 4))}, dtype=object))
+    with pytest.raises(ValueError, match="expected a dict with 'masks'"):
+        read_seg(tmp_path / "nomasks_seg.npy")
+    np.save(tmp_path / "stack_seg.npy", np.array({"masks": np.zeros((3, 4, 4), np.uint16)}, dtype=object))
+    with pytest.raises(ValueError, match="3-D GUI annotations"):
+        read_seg(tmp_path / "stack_seg.npy")
+    np.save(tmp_path / "neg_seg.npy", np.array({"masks": -np.ones((4, 4), np.int32)}, dtype=object))
+    with pytest.raises(ValueError, match="must be >= 0"):
+        read_seg(tmp_path / "neg_seg.npy")
+
+    class RunsCode:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    np.save(tmp_path / "evil_seg.npy", np.array({"masks": np.zeros((4, 4)), "x": RunsCode()}, dtype=object))
+    with pytest.raises(ValueError, match="refusing to unpickle builtins.print"):
+        read_seg(tmp_path / "evil_seg.npy")

@@ -1,34 +1,27 @@
-"""Tests for pipeline.model: shapes, the pixel-shuffle readout, layer drop, SAM and Cellpose
-checkpoints, FLOPs and parameter counts; parity with Cellpose 4's ``cellpose.vit.CPSAM``."""
+"""Tests for pipeline.model: shapes, the pixel-shuffle readout, layer drop, fused attention,
+FLOPs and parameter counts; parity with Cellpose 4's ``cellpose.vit.CPSAM``. Weight files (SAM,
+Cellpose, the export): tests/pipeline/test_weights.py."""
 
 import dataclasses
 import math
-from functools import partial
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention as SamAttention
-from segment_anything.modeling.image_encoder import ImageEncoderViT
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.model import (
     CPSAM,
-    ENCODERS,
     ModelConfig,
     RelPosAttention,
-    build_model,
     flops_per_image,
-    from_cellpose,
-    load_sam_encoder,
-    read_sam_encoder,
     sample_layer_drop,
     sincos_pos_embed,
-    to_cellpose,
-    unwrap_state_dict,
 )
+from pipeline.weights import from_cellpose, to_cellpose
 
 TINY = ModelConfig(encoder="tiny")
 
@@ -82,6 +75,8 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
         ({"patch_size": 8.0}, "patch_size"),
         ({"attention": "flash"}, "attention"),
         ({"pos_embed_init": "learned"}, "pos_embed_init"),
+        ({"init_checkpoint": 3}, "init_checkpoint must be a path"),
+        ({"sam_checkpoint": "sam.pth", "init_checkpoint": "cpsam"}, "sam_checkpoint=null"),
     ],
 )
 def test_config_rejects_bad_fields(fields, match):
@@ -322,95 +317,6 @@ def test_layer_drop_generator_must_be_cpu():
 
 
 # ------------------------------------------------------------------------------------------------
-# SAM checkpoints
-# ------------------------------------------------------------------------------------------------
-
-
-def sam_encoder(name: str) -> ImageEncoderViT:
-    """An image encoder exactly as segment_anything's build_sam makes it (1024 input, 16x16
-    patches, 14x14 windows), at the sizes of ENCODERS[name]."""
-    spec = ENCODERS[name]
-    return ImageEncoderViT(
-        img_size=1024,
-        patch_size=16,
-        embed_dim=spec.embed_dim,
-        depth=spec.depth,
-        num_heads=spec.num_heads,
-        mlp_ratio=4,
-        out_chans=spec.neck_dim,
-        qkv_bias=True,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        use_rel_pos=True,
-        window_size=14,
-        global_attn_indexes=spec.global_attn_indexes,
-    )
-
-
-@pytest.fixture(scope="module")
-def tiny_sam_checkpoint(tmp_path_factory):
-    """A SAM checkpoint in SAM's own key layout, for the tiny encoder."""
-    torch.manual_seed(0)
-    encoder = randomise(sam_encoder("tiny"), seed=3)
-    state = {f"image_encoder.{k}": v for k, v in encoder.state_dict().items()}
-    state["mask_decoder.iou_prediction_head.layers.0.weight"] = torch.randn(4, 4)
-    state["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"] = torch.randn(2, 128)
-    path = tmp_path_factory.mktemp("sam") / "sam_tiny.pth"
-    torch.save(state, path)
-    return path, encoder.state_dict()
-
-
-def test_load_sam_encoder_adapts_patch_and_position_embeddings(tiny_sam_checkpoint):
-    path, sam = tiny_sam_checkpoint
-    model = CPSAM(TINY)
-    readout_before = model.out.weight.clone()
-    load_sam_encoder(model, path)
-    ours = model.encoder.state_dict()
-    # paper.md 2a: every second tap of the 16x16 kernel, no rescaling, bias kept.
-    subsampled = sam["patch_embed.proj.weight"][:, :, ::2, ::2]
-    assert torch.equal(ours["patch_embed.proj.weight"], subsampled)
-    assert torch.equal(ours["patch_embed.proj.bias"], sam["patch_embed.proj.bias"])
-    # The 64x64 grid with stride 2 -> 32x32.
-    assert torch.equal(ours["pos_embed"], sam["pos_embed"][:, ::2, ::2])
-    for key, value in sam.items():
-        if key not in ("patch_embed.proj.weight", "pos_embed"):
-            assert torch.equal(ours[key], value), key  # tables keep SAM's shapes (27 and 127 rows)
-    assert torch.equal(model.out.weight, readout_before)  # the readout is not SAM's
-
-
-def test_build_model_loads_the_configured_sam_checkpoint(tiny_sam_checkpoint):
-    path, sam = tiny_sam_checkpoint
-    model = build_model(ModelConfig(encoder="tiny", sam_checkpoint=str(path)))
-    assert torch.equal(model.encoder.blocks[1].attn.rel_pos_h, sam["blocks.1.attn.rel_pos_h"])
-    with torch.device("meta"):  # nothing to load into: the trainer loads after materialising
-        assert build_model(ModelConfig(encoder="tiny", sam_checkpoint=str(path))).out.weight.is_meta
-
-
-@pytest.mark.parametrize("attention", ["sam", "fused"])
-def test_sam_encoder_in_our_forward_matches_sam_blocks(tiny_sam_checkpoint, attention):
-    # Our forward with SAM's weights equals SAM's own modules run at the paper's geometry:
-    # bit for bit with SAM's attention forward, to float rounding with the fused one.
-    path, sam = tiny_sam_checkpoint
-    model = CPSAM(ModelConfig(encoder="tiny", attention=attention)).eval()
-    load_sam_encoder(model, path)
-    reference = sam_encoder("tiny")
-    reference.load_state_dict(sam)
-    for block in reference.blocks:
-        block.window_size = 0
-    x = images(1)
-    with torch.no_grad():
-        weight = reference.patch_embed.proj.weight[:, :, ::2, ::2]
-        tokens = F.conv2d(x, weight, reference.patch_embed.proj.bias, stride=8).permute(0, 2, 3, 1)
-        tokens = tokens + reference.pos_embed[:, ::2, ::2]
-        for block in reference.blocks:
-            tokens = block(tokens)
-        expected = F.pixel_shuffle(model.out(reference.neck(tokens.permute(0, 3, 1, 2))), 8)
-        if attention == "sam":
-            assert torch.equal(model(x), expected)
-        else:
-            assert relative_error(model(x), expected) < 1e-5
-
-
-# ------------------------------------------------------------------------------------------------
 # Fused attention: the same function as segment-anything's Attention
 # ------------------------------------------------------------------------------------------------
 
@@ -472,163 +378,9 @@ def test_fused_model_equals_sam_attention_model():
         assert relative_error(param.grad, grads[name].grad) < 1e-4, name
 
 
-def test_sam_checkpoint_missing_file(tmp_path):
-    missing = tmp_path / "nowhere" / "sam_vit_l_0b3195.pth"
-    with pytest.raises(FileNotFoundError, match="nowhere/sam_vit_l_0b3195.pth"):
-        load_sam_encoder(CPSAM(TINY), missing)
-
-
-def test_sam_checkpoint_of_another_variant(tmp_path):
-    # Only the tensors that name the variant: a vit_b patch embedding and 12 blocks.
-    vit_b = tmp_path / "sam_vit_b.pth"
-    torch.save(
-        {
-            "image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16),
-            "image_encoder.blocks.11.norm1.weight": torch.zeros(768),
-        },
-        vit_b,
-    )
-    with torch.device("meta"):
-        vit_l = CPSAM(ModelConfig())
-    with pytest.raises(ValueError, match=r"vit_b \(embed_dim 768, depth 12\).*model is vit_l"):
-        load_sam_encoder(vit_l, vit_b)
-    with pytest.raises(ValueError, match=r"vit_b.*model is tiny"):
-        load_sam_encoder(CPSAM(TINY), vit_b)
-
-
-def test_sam_checkpoint_with_bad_geometry(tiny_sam_checkpoint):
-    path, _ = tiny_sam_checkpoint
-    with pytest.raises(ValueError, match="position embedding"):  # 64 is not a multiple of 28
-        read_sam_encoder(path, ModelConfig(encoder="tiny", image_size=224))
-    with pytest.raises(ValueError, match="patch-embedding kernel"):
-        read_sam_encoder(path, ModelConfig(encoder="tiny", patch_size=5, image_size=160))
-
-
-def test_not_a_sam_checkpoint(tmp_path):
-    model = CPSAM(TINY)
-    cellpose_file = tmp_path / "cpsam_tiny.pth"
-    torch.save(to_cellpose(model), cellpose_file)
-    with pytest.raises(ValueError, match="from_cellpose"):
-        load_sam_encoder(model, cellpose_file)
-    other = tmp_path / "other.pth"
-    torch.save({"weight": torch.zeros(3)}, other)
-    with pytest.raises(ValueError, match="not a SAM checkpoint"):
-        load_sam_encoder(model, other)
-    tensor_file = tmp_path / "tensor.pth"
-    torch.save(torch.zeros(3), tensor_file)
-    with pytest.raises(ValueError, match="not a SAM checkpoint"):
-        load_sam_encoder(model, tensor_file)
-    garbage = tmp_path / "garbage.pth"
-    garbage.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(ValueError, match="not a readable torch checkpoint"):
-        load_sam_encoder(model, garbage)
-    broken = tmp_path / "broken.pth"
-    state = {f"image_encoder.{k}": v for k, v in sam_encoder("tiny").state_dict().items()}
-    del state["image_encoder.blocks.1.mlp.lin2.bias"]
-    torch.save(state, broken)
-    with pytest.raises(ValueError, match=r"missing: encoder.blocks.1.mlp.lin2.bias"):
-        load_sam_encoder(model, broken)
-
-
 # ------------------------------------------------------------------------------------------------
-# Cellpose checkpoints
+# Parity with Cellpose 4 on Cellpose's own weights (loading and export: tests/pipeline/test_weights.py)
 # ------------------------------------------------------------------------------------------------
-
-
-def test_to_cellpose_layout_and_round_trip():
-    model = tiny_model().eval()
-    exported = to_cellpose(model)
-    assert list(exported)[:3] == ["diam_labels", "diam_mean", "W2"]
-    assert list(exported)[3:5] == ["encoder.pos_embed", "encoder.patch_embed.proj.weight"]
-    assert list(exported)[-2:] == ["out.weight", "out.bias"]
-    assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in exported.values())
-    loaded = from_cellpose(exported)
-    assert not loaded.training and loaded.cfg == ModelConfig(encoder="tiny")
-    for key, value in to_cellpose(loaded).items():
-        assert torch.equal(value, exported[key]), key
-    x = images(2)
-    with torch.no_grad():
-        assert torch.equal(loaded(x), model(x))
-
-
-def test_diameters_round_trip():
-    model = CPSAM(TINY)
-    model.diam_labels.fill_(17.5)
-    exported = to_cellpose(model)
-    assert float(exported["diam_labels"]) == 17.5 and float(exported["diam_mean"]) == 30.0
-    assert float(from_cellpose(exported).diam_labels) == 17.5
-
-
-def test_wrapper_prefixes_are_removed():
-    model = tiny_model()
-    exported = to_cellpose(model)
-    # DDP's "module." (Cellpose's own loader strips it), compile's "_orig_mod.", FSDP1 and
-    # activation checkpointing wrappers.
-    wrapped = {f"module._orig_mod.{k}": v for k, v in exported.items()}
-    assert torch.equal(from_cellpose(wrapped).out.weight, model.out.weight)
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    for index, block in enumerate(model.encoder.blocks):
-        model.encoder.blocks[index] = checkpoint_wrapper(block)
-    compiled = torch.compile(model)  # lazy: nothing is compiled until it is called
-    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
-    for key, value in to_cellpose(compiled).items():
-        assert torch.equal(value, exported[key]), key
-    # The checkpoint wrapper hides its prefix from state_dict() but not from named_parameters().
-    named = dict(compiled.named_parameters()) | dict(compiled.named_buffers())
-    assert any("_checkpoint_wrapped_module" in k for k in named)
-    for key, value in to_cellpose(named).items():
-        assert torch.equal(value, exported[key]), key
-    fsdp1 = unwrap_state_dict({"_fsdp_wrapped_module.encoder._fsdp_wrapped_module.pos_embed": 1})
-    assert fsdp1 == {"encoder.pos_embed": 1}
-    with pytest.raises(ValueError, match="two tensors for 'out.bias'"):
-        unwrap_state_dict({"out.bias": 1, "module.out.bias": 2})
-
-
-def test_from_cellpose_refuses_bad_checkpoints():
-    exported = to_cellpose(CPSAM(TINY))
-    without_w2 = {k: v for k, v in exported.items() if k != "W2"}
-    with pytest.raises(ValueError, match="no W2"):
-        from_cellpose(without_w2)
-    with pytest.raises(ValueError, match="W2"):
-        from_cellpose(exported | {"W2": torch.ones_like(exported["W2"])})
-    with pytest.raises(ValueError, match="CP-DINO"):
-        from_cellpose(exported | {"encoder.cls_token": torch.zeros(1, 1, 64)})
-    with pytest.raises(ValueError, match="unexpected: encoder.extra"):
-        from_cellpose(exported | {"encoder.extra": torch.zeros(1)})
-    with pytest.raises(ValueError, match="missing: encoder.neck.1.bias"):
-        from_cellpose({k: v for k, v in exported.items() if k != "encoder.neck.1.bias"})
-    with pytest.raises(ValueError, match="readout has 64 channels"):
-        from_cellpose(exported | {"out.weight": torch.zeros(64, 64, 1, 1)})
-    with pytest.raises(ValueError, match="encoder='tiny'.*encoder='vit_l'"):
-        from_cellpose(exported, ModelConfig(encoder="vit_l"))
-    # A config with the checkpoint's shape supplies the rest.
-    cfg = ModelConfig(encoder="tiny", layer_drop=0.1)
-    assert from_cellpose(exported, cfg).cfg.layer_drop == 0.1
-
-
-def test_to_cellpose_of_a_bfloat16_model_is_float32():
-    model = tiny_model()
-    exported = to_cellpose(model.to(torch.bfloat16))
-    assert all(v.dtype == torch.float32 for v in exported.values())
-    assert torch.equal(exported["out.weight"], model.out.weight.float())
-
-
-@pytest.mark.reference
-def test_vit_l_layout_matches_cellpose():
-    vit = pytest.importorskip("cellpose.vit")
-    # Built on the meta device: keys, order and shapes, no storage. The expected layout is
-    # Cellpose 4.2.1.1's own CPSAM state_dict (paper.md 2b: 350 tensors).
-    with torch.device("meta"):
-        reference = vit.CPSAM()
-        ours = CPSAM(ModelConfig())
-    expected = reference.state_dict()
-    exported = to_cellpose(ours)
-    assert len(exported) == 350
-    assert list(exported) == list(expected)
-    assert all(exported[k].shape == expected[k].shape for k in expected)
-    reference.load_state_dict(exported, strict=True, assign=True)
-    assert from_cellpose(to_cellpose(ours)).cfg == ModelConfig()
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipeline.io import read_image, read_labels
-from pipeline.model import from_cellpose
+from pipeline.weights import from_cellpose
 
 REPO = Path(__file__).resolve().parents[2]
 

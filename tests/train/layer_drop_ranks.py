@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from pipeline.model import ENCODERS, ModelConfig, build_model
+from pipeline.model import ENCODERS, ModelConfig
+from pipeline.weights import build_model
 from train.parallelize import ParallelConfig, parallelize
 from train.trainer import layer_drop_masks, step_random
 

@@ -137,3 +137,32 @@ def test_config_changes_ignores_options_one_side_lacks():
     newer["loop"]["eval_every"] = 100  # an option an older checkpoint never had
     assert config_changes(CONFIG, newer) == []
     assert config_changes(CONFIG, newer | {"seed": 1}) == ["seed: 0 -> 1"]
+def test_init_weights_from_a_run_folder_are_the_model_only(tmp_path):
+    # A fine-tuning start (model.init_checkpoint) from a training run: the newest checkpoint's
+    # weights, read without the optimizer; the run folder, checkpoints/ and step_* all work.
+    from pipeline.model import CPSAM, ModelConfig
+    from train.checkpoint import read_init_weights
+
+    cfg = ModelConfig(encoder="tiny")
+    torch.manual_seed(0)
+    model = CPSAM(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.rand(1, 3, 256, 256)).square().mean().backward()
+    optimizer.step()
+    config_json = json.dumps({"model": {"encoder": "tiny", "patch_size": 8, "image_size": 256}})
+    checkpointer = Checkpointer(CheckpointConfig(), tmp_path, model, optimizer, config_json=config_json)
+    checkpointer.save(1)
+    with torch.no_grad():
+        model.out.bias.add_(1.0)  # step 2 differs: the newest must be the one read
+    checkpointer.save(2)
+    for path in (tmp_path, tmp_path / "checkpoints", tmp_path / "checkpoints" / "step_0000002"):
+        state = read_init_weights(path, cfg)
+        assert list(state) == list(model.state_dict())
+        assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()), path
+    older = read_init_weights(tmp_path / "checkpoints" / "step_0000001", cfg)
+    assert torch.equal(older["out.bias"] + 1.0, model.out.bias.detach())
+    with pytest.raises(ValueError, match=r"encoder='tiny'.*config asks for.*encoder='vit_b'"):
+        read_init_weights(tmp_path, ModelConfig(encoder="vit_b"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: no training checkpoint here"):
+        read_init_weights(tmp_path / "empty", cfg)

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from train.config import TrainConfig, apply_override, load_config, option_names
@@ -40,6 +41,28 @@ def test_paper_config_is_the_papers_recipe():
     assert cfg.optim.decay == ((100, 0.1), (50, 0.1))
     assert (cfg.loop.epochs, cfg.loop.global_batch) == (2000, 256)
     assert cfg.data.batch_size * 8 == 256  # 8 GPUs, no accumulation
+
+
+def test_finetune_config_is_cellposes_recipe():
+    # paper.md 1f / cellpose 4.2.1.1 train_seg's defaults: AdamW lr 1e-5, wd 0.1, 100 epochs,
+    # zoom 0.75-1.25, no intensity augmentation; its per-epoch rates are
+    #   LR = linspace(0, lr, 10) ++ lr * ones(90); for 99 < epochs <= 300: LR[:-50] then ten
+    #   blocks of 5 epochs, each half the last.
+    cfg = load_config(REPO / "configs" / "finetune.yaml")
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.loop.epochs) == (1e-5, 0.1, 100)
+    assert cfg.model.sam_checkpoint is None and cfg.model.init_checkpoint and cfg.model.encoder == "vit_l"
+    low, high = cfg.augment.zoom_log2_range
+    assert 2**low == pytest.approx(0.75, abs=2e-4) and 2**high == pytest.approx(1.25, abs=2e-4)
+    assert cfg.augment.degrade_prob == cfg.augment.invert_prob == cfg.augment.brightness_sigma == 0
+    cellpose = list(np.linspace(0, 1e-5, 10)) + [1e-5] * 40
+    for _ in range(10):
+        cellpose += [cellpose[-1] / 2] * 5
+    ours = [learning_rate(epoch, cfg.optim, steps_per_epoch=1, epochs=100) for epoch in range(100)]
+    # Cellpose's warm-up reaches lr at epoch 9 (linspace's end point), ours at epoch 10.
+    np.testing.assert_allclose(ours[10:], cellpose[10:], rtol=1e-12)
+    assert ours[0] == 0 and ours[-1] == pytest.approx(1e-5 / 1024)
+    # Runs unchanged on 1, 2, 4 and 8 ranks: the global batch splits into whole micro-batches.
+    assert all(cfg.loop.global_batch % (cfg.data.batch_size * ranks) == 0 for ranks in (1, 2, 4, 8))
 
 
 def test_overrides_are_typed(tmp_path):

@@ -2,7 +2,7 @@
 
 Covers the issue's checks: the loss is finite and falls over ~30 steps; SIGTERM mid-run then
 --resume gives the same losses as an uninterrupted run; a NaN stops with a clear message and a
-checkpoint; the exported file loads with pipeline.model.from_cellpose; and the command line
+checkpoint; the exported file loads with pipeline.weights.from_cellpose; and the command line
 takes exactly the config's options.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.model import from_cellpose
+from pipeline.weights import from_cellpose
 from shardgen.build import build_dataset
 from train.config import load_config, option_names
 
@@ -213,3 +213,70 @@ def test_a_killed_worker_is_relaunched_and_the_run_ends_as_an_uninterrupted_one(
     assert sorted(got) == list(range(1, steps + 1))  # one row per step: no stale rows of the first launch
     for step in range(1, steps + 1):
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, output)
+
+
+def plain_python(args, run_dir: Path, timeout=900):
+    """``python train/main.py`` without torchrun: one process, no RANK/MASTER_* variables."""
+    command = [sys.executable, str(REPO / "train" / "main.py"), "--config", str(REPO / "configs" / "finetune.yaml"),
+               f"run_dir={run_dir}", *args]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_finetune_from_an_export_then_from_a_run_folder_as_one_plain_process(shards, tmp_path):
+    # configs/finetune.yaml as `python train/main.py`, the tiny model in place of ViT-L. Step 0 of
+    # the warm-up has learning rate 0 (paper.md 1f: linear from 0), so one step must leave the
+    # starting weights exactly as they were: the export equals the init file, which shows the
+    # run started from it (a random init would not match).
+    from pipeline.model import ModelConfig
+    from pipeline.weights import EXPORT_NAME, build_model, read_export, write_export
+
+    torch.manual_seed(3)
+    start = build_model(ModelConfig(encoder="tiny")).state_dict()
+    init = tmp_path / "init" / EXPORT_NAME
+    init.parent.mkdir()
+    write_export(init, start, ModelConfig(encoder="tiny"), step=9)
+    small = [f"data.root={shards}", "model.encoder=tiny", "loop.max_steps=1", "loop.val_every=0",
+             "loop.global_batch=2", "data.batch_size=2", "data.num_workers=0", "parallel.mixed_precision=fp32"]
+    first = plain_python(small + [f"model.init_checkpoint={init}"], tmp_path / "first")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    assert "starting from the weights of" in first.stderr
+    exported, sidecar = read_export(tmp_path / "first" / EXPORT_NAME)
+    assert sidecar.step == 1  # a fresh step count, not the init's 9
+    assert all(torch.equal(v, start[k]) for k, v in exported.state_dict().items())
+    # From the run folder's DCP checkpoint: weights only (its step and optimizer are not resumed).
+    second = plain_python(small + [f"model.init_checkpoint={tmp_path / 'first'}"], tmp_path / "second")
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    again, sidecar = read_export(tmp_path / "second" / EXPORT_NAME)
+    assert sidecar.step == 1 and all(torch.equal(v, start[k]) for k, v in again.state_dict().items())
+    # A geometry the file does not have is refused, naming both.
+    wrong = plain_python(small + [f"model.init_checkpoint={init}", "model.image_size=128"], tmp_path / "wrong")
+    assert wrong.returncode != 0 and "image_size=256, but the config asks for" in wrong.stderr
+
+
+@pytest.mark.reference
+def test_one_finetuning_step_from_a_random_vit_l_in_cpsam_layout(shards, tmp_path):
+    # Issue 20: a real-sized start. A randomly initialised ViT-L written as Cellpose writes cpsam
+    # (no json: the shape comes from the tensors); one step with a nonzero learning rate; the
+    # result loads into Cellpose 4's own CPSAM strictly. No quality claim.
+    vit = pytest.importorskip("cellpose.vit")
+    from pipeline.model import CPSAM, ModelConfig
+    from pipeline.weights import EXPORT_NAME, to_cellpose
+
+    torch.manual_seed(0)
+    cpsam = tmp_path / "cpsam"
+    torch.save(to_cellpose(CPSAM(ModelConfig())), cpsam)
+    args = [f"data.root={shards}", f"model.init_checkpoint={cpsam}", "loop.max_steps=1", "loop.val_every=0",
+            "loop.global_batch=1", "data.batch_size=1", "data.num_workers=0", "optim.warmup_epochs=0",
+            "parallel.mixed_precision=fp32"]
+    result = plain_python(args, tmp_path / "run", timeout=1800)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    start = torch.load(cpsam, weights_only=True)
+    trained = torch.load(tmp_path / "run" / EXPORT_NAME, weights_only=True)
+    assert list(trained) == list(start)
+    assert not torch.equal(trained["out.weight"], start["out.weight"])  # the step changed the weights
+    del start
+    reference = vit.CPSAM()
+    reference.load_state_dict(trained, strict=True)

@@ -13,7 +13,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 
-from pipeline.model import CPSAM, ModelConfig, to_cellpose
+from pipeline.model import CPSAM, ModelConfig
+from pipeline.weights import to_cellpose
 from train.parallelize import ParallelConfig, parallelize, uses_bf16
 
 
