@@ -4,7 +4,7 @@
         [--host-memory GIB] [--gpu NAME] [--json FILE] [section.field=value ...]
 
 The model is built as ``train.trainer.Trainer`` builds it, from the trainer's own building blocks:
-``pipeline.model.build_model`` on the meta device, ``train.parallelize.parallelize`` (FSDP2 per
+``pipeline.weights.build_model`` on the meta device, ``train.parallelize.parallelize`` (FSDP2 per
 block and at the root, activation checkpointing, the mixed-precision policy the GPU run would
 use), ``train.optim.build_optimizer`` (fused AdamW). Every tensor is a fake one
 (``FakeTensorMode``: shapes and dtypes, no storage) and the process group is torch's fake one of
