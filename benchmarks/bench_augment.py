@@ -53,7 +53,8 @@ def main() -> None:
         shards = args.shards or make_shards(Path(tmp), n_train=128)
         # The main process decodes (no workers): only the batches are wanted, not the loader's speed.
         cfg = load_config(args.config, [f"data.root={shards}", "data.num_workers=0", *args.overrides])
-        stream = iter(build_train_loader(cfg.data, rank=0, world_size=1))
+        # The trainer's batches: windows cut by the loader, their geometry drawn there.
+        stream = iter(build_train_loader(cfg.data, rank=0, world_size=1, augment=cfg.augment))
         batches = [next(stream).to(device) for _ in range(args.batches)]
     sync(device)
 

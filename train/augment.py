@@ -646,8 +646,9 @@ def _read_uint(buffer: torch.Tensor, index: torch.Tensor, itemsize: torch.Tensor
     last = buffer.shape[0] - 1
     value = buffer[index.clamp(0, last)].long()
     for k in range(1, max_itemsize):
-        byte = buffer[(index + k).clamp(0, last)].long()
-        value = value + torch.where(itemsize > k, byte << (8 * k), torch.zeros_like(byte))
+        # byte k weighs 256**k where the sample's values have that byte, 0 elsewhere
+        weight = (itemsize > k).long() << (8 * k)
+        value = value + buffer[(index + k).clamp(0, last)].long() * weight
     return value
 
 
@@ -688,7 +689,7 @@ def _warp_windows(
         weight = (frac_y if dy else 1 - frac_y) * (frac_x if dx else 1 - frac_x) * inside
         pixel = y.clamp(min=0).minimum(h - 1) * w + x.clamp(min=0).minimum(w - 1)
         covered += weight
-        for channel in range(3):
+        for channel in range(batch.channels):  # the channels no sample has stay 0
             index = offset_image + (pixel * c + channel) * image_size
             raw[:, channel] += weight * _read_uint(batch.image_bytes, index, image_size, batch.image_itemsize)
         for k in range(2):

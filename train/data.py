@@ -254,6 +254,8 @@ class WindowBatch:
     """Largest image itemsize in the batch (1 or 2): how many bytes the device combines per value."""
     label_itemsize: int = 2
     """Largest label itemsize in the batch (2 or 4)."""
+    channels: int = 3
+    """Most image channels of a sample in the batch (1 to 3)."""
     step: int = -1
     """Global step this training batch belongs to."""
     skipped: int = 0
@@ -618,6 +620,7 @@ def _collate_windows(
         keys=[s.key for s in samples],
         image_itemsize=int(layout[:, 7].max()),
         label_itemsize=int(layout[:, 8].max()),
+        channels=int(layout[:, 6].max()),
     )
 
 

@@ -530,7 +530,7 @@ def test_shuffle_buffer_is_bounded_in_bytes_and_loses_nothing():
 
 def assert_window_batches_equal(a, b) -> None:
     assert (a.step, a.keys, a.datasets, a.skipped) == (b.step, b.keys, b.datasets, b.skipped)
-    assert (a.image_itemsize, a.label_itemsize) == (b.image_itemsize, b.label_itemsize)
+    assert (a.image_itemsize, a.label_itemsize, a.channels) == (b.image_itemsize, b.label_itemsize, b.channels)
     for name in ("image_bytes", "label_bytes", "flows", "ignore", "layout", "transform", "diameters"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     torch.testing.assert_close(a.bounds, b.bounds, rtol=0, atol=0, equal_nan=True)  # NaN: channels a sample lacks
