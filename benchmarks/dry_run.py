@@ -8,7 +8,8 @@ The model is built as ``train.trainer.Trainer`` builds it, from the trainer's ow
 block and at the root, activation checkpointing, the mixed-precision policy the GPU run would
 use), ``train.optim.build_optimizer`` (fused AdamW). Every tensor is a fake one
 (``FakeTensorMode``: shapes and dtypes, no storage) and the process group is torch's fake one of
-``--world-size`` ranks, so this one process plays rank 0 of the whole job on the CPU in seconds.
+``--world-size`` ranks, so this one process plays rank 0 of the whole job on the CPU (ViT-L: 25-45 s
+of CPU time).
 It then runs two optimizer steps as ``Trainer.train_step`` does, at the config's per-rank batch:
 the device batch at ``data.max_side`` (what the loader delivers), ``train.augment.augment`` on it,
 the layer-drop masks the trainer draws (``step_random`` + ``sample_layer_drop``), the forward,
@@ -23,9 +24,9 @@ It reports, per rank:
   the backward), all-gather and reduce-scatter buffers. The parts add up to the peak. These are
   tensor bytes: the CUDA context, NCCL's and cuBLAS's workspaces and the caching allocator's
   fragmentation come on top on a GPU (typically 1-3 GiB).
-* FLOPs per image, forward + backward, executed: counted by ``torch.utils.flop_counter`` over the
-  second step, with layer drop at its expected rate (each block's count per sample, weighted by
-  its keep probability). On the CPU, attention runs as
+* FLOPs per image, forward + backward, executed: counted by ``torch.utils.flop_counter`` over a
+  third forward + backward (the model's part only, not augmentation's), with layer drop at its
+  expected rate (each block's count per sample, weighted by its keep probability). On the CPU, attention runs as
   ``aten._scaled_dot_product_flash_attention_for_cpu``, which torch's counter does not know; it is
   given the formula of the other fused attention ops. The fused attention widens each head
   (``pipeline.model.RelPosAttention`` folds the relative-position bias into the query and key), so
@@ -37,7 +38,7 @@ It reports, per rank:
   shuffle buffers, pinned batches, batches being assembled) plus the full fp32 model that rank 0
   builds on the CPU at start-up with SAM's checkpoint loaded beside it. Not counted: the Python
   interpreter with torch and the CUDA libraries in each process and each loader worker (a few GiB
-  per rank; ``benchmarks/gpu_check.py`` measures them on a GPU).
+  per rank).
 
 Exit status 1 when the device peak exceeds ``--device-memory`` or the host peak ``--host-memory``
 (both GiB per rank), naming which. ``--json FILE`` writes the figures. ``parallel.compile`` is
@@ -50,7 +51,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -229,8 +229,9 @@ def _fake_batch(batch_size: int, side: int) -> Batch:
 def _augmented_stand_in(batch_size: int, side: int) -> Augmented:
     """What ``augment`` returns, for when it cannot run under FakeTensorMode."""
     shape = (batch_size, side, side)
-    return Augmented(images=torch.zeros((batch_size, 3, side, side)), flows=torch.zeros((batch_size, 2, side, side)),
-                     cellprob=torch.zeros(shape), labels=torch.zeros(shape, dtype=torch.int32), weight=torch.ones(shape))
+    return Augmented(images=torch.zeros((batch_size, 3, side, side)),
+                     flows=torch.zeros((batch_size, 2, side, side)), cellprob=torch.zeros(shape),
+                     labels=torch.zeros(shape, dtype=torch.int32), weight=torch.ones(shape))
 
 
 def _block_flops(counts: dict[str, dict], depth: int) -> list[int]:
