@@ -85,13 +85,16 @@ def test_a_budget_exceeded_exits_1_and_names_it(tmp_path, capsys):
 
 
 def test_halving_the_batch_about_halves_the_activations(tmp_path):
-    # Without layer drop, so that both batches run every block on every sample.
+    # Without layer drop, so that both batches run every block on every sample; with 256 x 256
+    # batches, so that the peak is the model's (at 1024, augmenting the full-size batch is the
+    # tiny model's peak).
     runs = {}
     for batch in (4, 2):
-        code, figures = _run(tmp_path, TINY, "--world-size", "2", "model.layer_drop=0", f"data.batch_size={batch}",
-                             f"loop.global_batch={2 * batch}")
+        code, figures = _run(tmp_path, TINY, "--world-size", "2", "model.layer_drop=0", "data.max_side=256",
+                             f"data.batch_size={batch}", f"loop.global_batch={2 * batch}")
         assert code == 0
         runs[batch] = figures["device_parts_gib"]
+    assert runs[4]["temporaries"] > 0  # the peak is in the backward, not in augmentation
     assert runs[2]["activations"] / runs[4]["activations"] == pytest.approx(0.5, abs=0.06)
     assert runs[2]["inputs"] / runs[4]["inputs"] == pytest.approx(0.5, rel=0.01)
     assert runs[2]["parameters"] == runs[4]["parameters"]
