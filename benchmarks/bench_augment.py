@@ -33,6 +33,7 @@ from pipeline.model import build_model
 from train.augment import augment
 from train.config import load_config
 from train.data import build_train_loader
+from train.trainer import layer_drop_masks, step_random
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,25 +57,30 @@ def main() -> None:
         batches = [next(stream).to(device) for _ in range(args.batches)]
     sync(device)
 
-    generator = torch.Generator(device).manual_seed(0)
-    augment(batches[0], cfg.augment, generator)  # warm-up: first-call allocations and kernels
+    # A fresh generator per batch, seeded as the trainer seeds each step's (the host's draws, which
+    # samples are degraded, follow the generator's seed).
+    generators = [step_random(0, 0, index, 0, device).augment for index in range(len(batches))]
+    augment(batches[0], cfg.augment, generators[0])  # warm-up: first-call allocations and kernels
     augment_ms = []
     for _ in range(args.repeats):
         sync(device)
         start = time.perf_counter()
-        for batch in batches:
+        for batch, generator in zip(batches, generators):
             augment(batch, cfg.augment, generator)
         sync(device)
         augment_ms.append(1e3 * (time.perf_counter() - start) / len(batches))
 
     model = build_model(cfg.model).to(device).train()
-    inputs = [augment(batch, cfg.augment, generator).images for batch in batches[: min(8, len(batches))]]
+    inputs = [augment(batch, cfg.augment, generator).images for batch, generator in list(zip(batches, generators))[:8]]
     step_ms = []
     for index in range(1 + args.repeats * len(inputs)):  # the first is a warm-up
         sync(device)
         start = time.perf_counter()
+        # Layer drop as the trainer draws it: on the CPU (a device generator would be refused).
+        images = inputs[index % len(inputs)]
+        drop = layer_drop_masks(cfg.model, len(images), step_random(0, 0, index, 0, device))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model(inputs[index % len(inputs)], generator=generator)
+            out = model(images, drop=drop)
         out.float().square().mean().backward()
         sync(device)
         if index:

@@ -10,7 +10,7 @@ is given), then reads its ``metrics.jsonl``: the median over the log windows aft
 is known (``loop.peak_tflops`` or a known GPU). On the CPU, where no peak is set, the achieved
 TFLOP/s (3 x forward FLOPs of the blocks actually run x images/s) is reported instead.
 
-GPU example (the issue's goal: >= 180 img/s per H100 for ViT-L in bf16 at 256x256):
+GPU example (goal: >= 280 img/s per H100 for ViT-L in bf16 at 256x256, about 50% MFU of the executed model FLOPs):
     python -m benchmarks.bench_train --config configs/paper.yaml --nproc 1 --steps 60 \\
         model.sam_checkpoint=null data.batch_size=32 loop.global_batch=32 data.num_workers=8
 (the paper's per-GPU batch; benchmarks/gpu_check.py runs this with the other GPU checks).

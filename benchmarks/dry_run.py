@@ -12,7 +12,7 @@ use), ``train.optim.build_optimizer`` (fused AdamW). Every tensor is a fake one
 of CPU time).
 It then runs two optimizer steps as ``Trainer.train_step`` does, at the config's per-rank batch:
 the device batch at ``data.max_side`` (what the loader delivers), ``train.augment.augment`` on it,
-the layer-drop masks the trainer draws (``step_random`` + ``sample_layer_drop``), the forward,
+the layer-drop masks the trainer draws (``step_random`` + ``layer_drop_masks``), the forward,
 ``flow_and_cellprob_loss``, backward, gradient clipping, the optimizer step. The shards are never
 read and SAM's checkpoint is never loaded (values do not change memory or FLOPs).
 
@@ -77,13 +77,14 @@ from torch.utils.flop_counter import (
     sdpa_flop_count,
 )
 
-from pipeline.model import ENCODERS, build_model, flops_per_image, sample_layer_drop
+import train.augment
+from pipeline.model import ENCODERS, build_model, flops_per_image
 from train.augment import Augmented, augment
 from train.config import TrainConfig, load_config
 from train.data import Batch, loader_host_bytes
 from train.optim import build_optimizer
 from train.parallelize import parallelize, uses_bf16
-from train.trainer import PEAK_BF16_TFLOPS, flow_and_cellprob_loss, peak_bf16_tflops, step_random
+from train.trainer import PEAK_BF16_TFLOPS, flow_and_cellprob_loss, layer_drop_masks, peak_bf16_tflops, step_random
 
 GIB = 2**30
 # The parts of the device peak, in FSDPMemTracker's categories, by the names the report uses.
@@ -146,6 +147,24 @@ class _HostOpsRunForReal(TorchFunctionMode):
             with unset_fake_temporarily():
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _host_draws_for_real():
+    """Run augment's host-side draws (which samples are degraded: a CPU generator, then
+    ``nonzero``) on real tensors, as in the training run, where the host knows them without
+    asking the device; under FakeTensorMode ``nonzero`` would be a data-dependent shape."""
+    real = train.augment._draw_degraded
+
+    def draw(*args, **kwargs):
+        with unset_fake_temporarily():
+            return real(*args, **kwargs)
+
+    train.augment._draw_degraded = draw
+    try:
+        yield
+    finally:
+        train.augment._draw_degraded = real
 
 
 @contextlib.contextmanager
@@ -285,17 +304,15 @@ def dry_run(cfg: TrainConfig, world_size: int, gpu: str = "H100 SXM") -> dict:
                 augmented = None
                 if not augment_error:
                     try:
-                        augmented = augment(device_batch, cfg.augment, random.augment, train=True)
+                        with _host_draws_for_real():
+                            augmented = augment(device_batch, cfg.augment, random.augment, train=True)
                     except _FAKE_ERRORS as error:  # reported, then sized without augmentation
                         augment_error.append(f"{type(error).__name__}: {error}")
                 if augmented is None:
                     augmented = _augmented_stand_in(batch_size, cfg.augment.crop_size)
-                drop = None
-                if cfg.model.layer_drop > 0:
-                    # Drawn on the CPU for real, as Trainer._layer_drop does.
-                    with unset_fake_temporarily():
-                        drop = sample_layer_drop(batch_size, depth, cfg.model.layer_drop, random.layer_drop,
-                                                 random.drop_counts)
+                # Drawn on the CPU for real, as Trainer._layer_drop does.
+                with unset_fake_temporarily():
+                    drop = layer_drop_masks(cfg.model, batch_size, random)
                 with _HostOpsRunForReal():
                     prediction = model(augmented.images, drop=drop)
                 flow_loss, cellprob_loss = flow_and_cellprob_loss(prediction, augmented.flows, augmented.cellprob,

@@ -18,7 +18,7 @@ is left:
     env        Python, torch, CUDA, the GPU and the project's packages: read in this process
     shards     synthetic training shards, built once for the three benchmarks that read them
     train      bench_train: the real trainer, configs/paper.yaml (ViT-L, bf16, 256 x 256) on one
-               GPU, per-rank batch 32, 60 steps (goal: >= 180 img/s per H100)
+               GPU, per-rank batch 32, 60 steps (goal: >= 280 img/s per H100, about 50% MFU)
     attention  bench_attention: ViT-L forward + backward at batch 32, the fused attention
                against segment-anything's own forward (the reference)
     augment    bench_augment: the GPU-side augmentation against the step it feeds, batch 32

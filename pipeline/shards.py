@@ -21,6 +21,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
+import struct
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -148,9 +150,23 @@ def encode_array(array: np.ndarray) -> bytes:
     return zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(buffer.getvalue())
 
 
-def decode_array(data: bytes) -> np.ndarray:
-    """Inverse of :func:`encode_array`."""
+# The header np.save writes for a C-ordered array: parsed with a regex, not numpy's literal_eval.
+_NPY_HEADER = re.compile(r"\{'descr': '([<>|][a-zA-Z0-9]+)', 'fortran_order': False, 'shape': \(([0-9, ]*)\), *\}")
+
+
+def decode_array(data: bytes, readonly: bool = False) -> np.ndarray:
+    """Inverse of :func:`encode_array`.
+
+    ``readonly=True`` returns a read-only array over the decompressed bytes instead of a copy
+    (what the training loader takes: it only slices and copies windows out).
+    """
     raw = zstandard.ZstdDecompressor().decompress(data)
+    if readonly and raw[:6] == b"\x93NUMPY" and raw[6] in (1, 2):
+        size, start = (struct.unpack("<H", raw[8:10])[0], 10) if raw[6] == 1 else (struct.unpack("<I", raw[8:12])[0], 12)
+        match = _NPY_HEADER.match(raw[start: start + size].decode("latin1"))
+        if match:
+            shape = tuple(int(v) for v in match.group(2).split(",") if v.strip())
+            return np.frombuffer(raw, dtype=np.dtype(match.group(1)), offset=start + size).reshape(shape)
     return np.load(io.BytesIO(raw), allow_pickle=False)
 
 
@@ -258,10 +274,12 @@ def _content_problems(labels: np.ndarray, flows: np.ndarray, n_cells: int) -> li
     return problems
 
 
-def decode_sample(sample: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, SampleMeta, np.ndarray | None]:
+def decode_sample(
+    sample: dict, readonly: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, SampleMeta, np.ndarray | None]:
     """(image, labels, flows, meta, ignore) from a raw WebDataset sample dict of bytes.
 
-    ``ignore`` is None when the sample has no don't-care mask. Raises ValueError naming the key
+    ``ignore`` is None when the sample has no don't-care mask. ``readonly``: see :func:`decode_array`. Raises ValueError naming the key
     and the member when a member is missing or undecodable.
     """
     key = sample.get("__key__", "?")
@@ -269,11 +287,11 @@ def decode_sample(sample: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, Sam
     if missing:
         raise ValueError(f"sample {key!r} lacks member(s) {missing}; expected {list(SAMPLE_KEYS)}")
     try:
-        image = decode_array(sample[IMAGE_KEY])
-        labels = decode_array(sample[LABELS_KEY])
-        flows = decode_array(sample[FLOWS_KEY])
+        image = decode_array(sample[IMAGE_KEY], readonly)
+        labels = decode_array(sample[LABELS_KEY], readonly)
+        flows = decode_array(sample[FLOWS_KEY], readonly)
         meta = SampleMeta.from_json(sample[META_KEY])
-        ignore = decode_array(sample[IGNORE_KEY]) if IGNORE_KEY in sample else None
+        ignore = decode_array(sample[IGNORE_KEY], readonly) if IGNORE_KEY in sample else None
     except Exception as error:  # zstd, npy and json errors all mean the same thing here
         raise ValueError(f"sample {key!r} does not decode: {type(error).__name__}: {error}") from error
     return image, labels, flows, meta, ignore

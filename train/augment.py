@@ -38,6 +38,15 @@ Conventions
 
 Validation (``train=False``) only rescales to diameter 30 and takes the centre crop; it draws no
 random numbers and returns the same result for any generator.
+
+Window batches
+--------------
+The trainer's loader sends a ``train.data.WindowBatch`` instead: each sample's geometry (stage 2's
+scale, angle, flip and shift) already drawn on the CPU from the step's seed with the same laws,
+and only the source window the map reads, in the stored dtypes, with the percentile bounds of the
+whole sample. Stages 1 and 2 then run as one gather of the bilinear taps (``_warp_windows``,
+the same arithmetic); the generator draws everything else as above (its geometry draws are made
+and dropped, so the other draws keep their place), and the degradations use the loader's zoom.
 """
 
 from __future__ import annotations
@@ -53,6 +62,11 @@ if TYPE_CHECKING:  # only for annotations: augment reads the Batch's fields, not
     from train.data import Batch
 
 __all__ = ["AugmentConfig", "Augmented", "augment"]
+
+# Columns of a WindowBatch's layout and transform (train.data builds them, _augment_windows reads them).
+LAYOUT_COLUMNS = ("image_offset", "label_offset", "flow_offset", "ignore_offset", "height", "width", "channels",
+                  "image_itemsize", "label_itemsize")
+TRANSFORM_COLUMNS = ("centre_y", "centre_x", "scale", "angle", "flip", "shift_y", "shift_x", "zoom")
 
 # A channel whose percentile range is at most this is flat and becomes 0 (Cellpose's normalize99
 # and pipeline.io.normalize_percentile use the same threshold).
@@ -220,6 +234,8 @@ class _DegradeParams:
     sigma: torch.Tensor  # (B, 2) float32 blur sigma (y, x) in pixels; 0 = no blur
     factor: torch.Tensor  # (B, 2) int64 downsampling factor (y, x); 1 = none
     photons: torch.Tensor  # (B,) float32 Poisson photon scale; 0 = no noise
+    index: torch.Tensor  # (D,) int64 on the CPU: the samples drawn for a degradation
+    index_device: torch.Tensor  # the same on the device
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,6 +252,8 @@ def augment(
     global RNG is never touched), so a generator state gives the same result on a given device.
     With ``train=False`` nothing random happens and ``generator`` may be None.
     """
+    if hasattr(batch, "transform"):  # a WindowBatch: geometry drawn by the loader, windows to resample
+        return _augment_windows(batch, cfg, generator, train)
     device = _check_batch(batch)
     if train:
         _check_generator(generator, device)
@@ -251,16 +269,47 @@ def augment(
     images, flows, cellprob, labels, ignore = _warp(
         images, batch.flows, batch.labels, batch.ignore, batch.valid, centre, affine, cfg.crop_size
     )
-    if train:
-        images, nonempty = _mix_channels(images, nonempty, channel, cfg)
-        images = _degrade(images, degrade, generator)
-    images, nonempty = _normalize_percentile(images, None, cfg.percentiles, cfg.percentile_max_pixels)
-    if train:
-        jittered = channel.contrast[:, :, None, None] * images + channel.brightness[:, :, None, None]
-        images = torch.where(nonempty[:, :, None, None], jittered, images)
+    images = _intensity(images, nonempty, channel if train else None, degrade if train else None, cfg, generator)
     # A sample with no valid pixel is a padding slot (validation's last batch): out of the loss.
     weight = (~ignore & batch.valid.any(dim=(1, 2))[:, None, None]).float()
     return Augmented(images=images, flows=flows, cellprob=cellprob, labels=labels, weight=weight)
+
+
+def _intensity(
+    images: torch.Tensor, nonempty: torch.Tensor, channel: _ChannelParams | None, degrade: _DegradeParams | None,
+    cfg: AugmentConfig, generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Stages 3-6 on the warped, normalised crops: channels and inversion, degradations,
+    renormalisation, jitter (only the renormalisation when ``channel`` is None: validation)."""
+    if channel is not None:
+        images, nonempty = _mix_channels(images, nonempty, channel, cfg)
+        images = _degrade(images, degrade, generator)
+    images, nonempty = _normalize_percentile(images, None, cfg.percentiles, cfg.percentile_max_pixels)
+    if channel is not None:
+        jittered = channel.contrast[:, :, None, None] * images + channel.brightness[:, :, None, None]
+        images = torch.where(nonempty[:, :, None, None], jittered, images)
+    return images
+
+
+def _augment_windows(batch, cfg: AugmentConfig, generator: torch.Generator | None, train: bool) -> Augmented:
+    """augment() of a WindowBatch: the loader drew the geometry (same laws as _draw_params') and
+    cut out each sample's window; here the windows are resampled and everything else is drawn."""
+    if not train:
+        raise ValueError("a WindowBatch is a training batch; validation takes whole-sample Batches")
+    device = batch.flows.device
+    _check_generator(generator, device)
+    t = batch.transform.float()
+    column = TRANSFORM_COLUMNS.index
+    affine = _AffineParams(scale=t[:, column("scale")], angle=t[:, column("angle")], flip=t[:, column("flip")] > 0.5,
+                           shift=t[:, column("shift_y"): column("shift_x") + 1])
+    zoom = t[:, column("zoom")]
+    # The device's own geometry draws are still made (and dropped) so that the channel and
+    # degradation draws stay where they are in the stream; the degradations use the loader's zoom.
+    _, channel, degrade = _draw_params(torch.ones_like(zoom), torch.zeros_like(t[:, :2]), cfg, generator, zoom=zoom)
+    centre = t[:, column("centre_y"): column("centre_x") + 1]
+    images, flows, cellprob, labels, ignore, nonempty = _warp_windows(batch, affine, centre, cfg.crop_size)
+    images = _intensity(images, nonempty, channel, degrade, cfg, generator)
+    return Augmented(images=images, flows=flows, cellprob=cellprob, labels=labels, weight=(~ignore).float())
 
 
 def _check_batch(batch: Batch) -> torch.device:
@@ -321,7 +370,8 @@ def _finite(images: torch.Tensor) -> torch.Tensor:
 
 
 def _draw_params(
-    rescale: torch.Tensor, extent: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
+    rescale: torch.Tensor, extent: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator,
+    zoom: torch.Tensor | None = None,
 ) -> tuple[_AffineParams, _ChannelParams, _DegradeParams]:
     """Draw every sample's augmentation parameters from ``generator``.
 
@@ -338,7 +388,8 @@ def _draw_params(
         return low + (high - low) * uniform(*shape)
 
     # Geometry (Cellpose's random_rotate_and_resize with scale_range=None).
-    zoom = 2.0 ** between(*cfg.zoom_log2_range)
+    drawn = 2.0 ** between(*cfg.zoom_log2_range)
+    zoom = drawn if zoom is None else zoom  # a zoom given by the loader (WindowBatch) replaces the draw
     scale = rescale * zoom
     angle = torch.deg2rad(between(-cfg.rotation_degrees, cfg.rotation_degrees))
     flip = uniform() < cfg.flip_prob
@@ -360,7 +411,10 @@ def _draw_params(
     )
 
     # Degradations (Cellpose3's denoise.add_noise), sigmas relative to the object diameter in the crop.
-    degrade = uniform() < cfg.degrade_prob
+    # Which samples are degraded is drawn on the host (_draw_degraded), so that only those go
+    # through the degradation's matmuls and noise without the host asking the device which.
+    degrade_cpu, index = _draw_degraded(b, cfg.degrade_prob, generator)
+    degrade = _to_device(degrade_cpu, device)
     anisotropic = uniform() < cfg.anisotropic_prob
     downsample = degrade & (uniform() < cfg.downsample_prob)
     factor = 2 + (uniform() * (cfg.downsample_max - 1)).long().clamp(max=cfg.downsample_max - 2)
@@ -385,7 +439,27 @@ def _draw_params(
         min=cfg.poisson_min_scale
     )
     photons = photons * (degrade & (uniform() < cfg.poisson_prob))
-    return affine, channel, _DegradeParams(sigma=sigma, factor=factors, photons=photons)
+    return affine, channel, _DegradeParams(sigma=sigma, factor=factors, photons=photons, index=index,
+                                           index_device=_to_device(index, device))
+
+
+def _draw_degraded(b: int, probability: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of ``b`` samples are degraded: a (B,) bool mask and their indices, both on the CPU.
+
+    Drawn on the host from a CPU generator seeded from ``generator``'s seed (``initial_seed`` is
+    a host-side number, so no device is asked; the trainer seeds a fresh generator for every
+    micro-batch, so these draws differ between batches as the device's do).
+    """
+    seed = (generator.initial_seed() * 0x9E3779B97F4A7C15 + 0x2545F4914F6CDD1D) % (1 << 64)
+    degrade = torch.rand(b, generator=torch.Generator().manual_seed(seed)) < probability
+    return degrade, degrade.nonzero()[:, 0]
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the device: pinned, then copied asynchronously."""
+    if device.type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _centre_crop_params(rescale: torch.Tensor) -> _AffineParams:
@@ -564,6 +638,75 @@ def _warp(
     return images, flows, (foreground > 0.5).float(), warped_labels, warped_ignore
 
 
+def _read_uint(buffer: torch.Tensor, index: torch.Tensor, itemsize: torch.Tensor, max_itemsize: int) -> torch.Tensor:
+    """int64 little-endian unsigned values at byte ``index`` of a uint8 ``buffer``, each of its
+    sample's ``itemsize`` bytes (broadcast with index); ``max_itemsize`` bounds the loop (no sync)."""
+    last = buffer.shape[0] - 1
+    value = buffer[index.clamp(0, last)].long()
+    for k in range(1, max_itemsize):
+        byte = buffer[(index + k).clamp(0, last)].long()
+        value = value + torch.where(itemsize > k, byte << (8 * k), torch.zeros_like(byte))
+    return value
+
+
+def _warp_windows(
+    batch, affine: _AffineParams, centre: torch.Tensor, crop_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """_warp and the first normalisation of a WindowBatch: each output pixel gathers its bilinear
+    taps (or its nearest pixel) straight from the packed windows.
+
+    The same arithmetic as ``_normalize_percentile`` then ``_warp`` on the whole sample: a tap
+    outside the window is outside the image (the loader's window holds every pixel the map
+    reads), so it counts as zero fill; inside, the image value is normalised with the sample's
+    percentile bounds (``batch.bounds``). Returns images (B, 3, S, S) normalised, flows (B, 2, S, S)
+    with rotated vectors, cellprob, labels (int32), ignore and ``nonempty`` (B, 3).
+    """
+    layout = batch.layout
+    offset_image, offset_labels, offset_flows, offset_ignore, h, w, c, image_size, label_size = (
+        layout[:, k, None, None] for k in range(len(LAYOUT_COLUMNS))
+    )
+    source = _source_coordinates(centre, affine, crop_size)
+    sy, sx = source[..., 0], source[..., 1]
+    floor_y, floor_x = torch.floor(sy), torch.floor(sx)
+    frac_y, frac_x = sy - floor_y, sx - floor_x
+    floor_y, floor_x = floor_y.long(), floor_x.long()
+    bounds = batch.bounds.float()
+    low, high = bounds[..., 0], bounds[..., 1]
+    nonempty = (high - low) > _FLAT_RANGE  # NaN (a channel the sample lacks) is flat
+    span = torch.where(nonempty, high - low, torch.ones_like(high))
+    b = layout.shape[0]
+    raw = torch.zeros((b, 3, crop_size, crop_size), device=sy.device)
+    flows = torch.zeros((b, 2, crop_size, crop_size), device=sy.device)
+    foreground = torch.zeros((b, crop_size, crop_size), device=sy.device)
+    covered = torch.zeros_like(foreground)  # the bilinear weight that fell inside the image
+    flow_last = batch.flows.shape[0] - 1
+    for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        y, x = floor_y + dy, floor_x + dx
+        inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)
+        weight = (frac_y if dy else 1 - frac_y) * (frac_x if dx else 1 - frac_x) * inside
+        pixel = y.clamp(min=0).minimum(h - 1) * w + x.clamp(min=0).minimum(w - 1)
+        covered += weight
+        for channel in range(3):
+            index = offset_image + (pixel * c + channel) * image_size
+            raw[:, channel] += weight * _read_uint(batch.image_bytes, index, image_size, batch.image_itemsize)
+        for k in range(2):
+            flows[:, k] += weight * batch.flows[(offset_flows + k * h * w + pixel).clamp(0, flow_last)].float()
+        labels = _read_uint(batch.label_bytes, offset_labels + pixel * label_size, label_size, batch.label_itemsize)
+        foreground += weight * (labels > 0)
+    # sum of w (v - low) / span over the taps inside the image: what warping the normalised image gives.
+    normalized = (raw - low[:, :, None, None] * covered[:, None]) / span[:, :, None, None]
+    images = torch.where(nonempty[:, :, None, None], normalized, torch.zeros_like(normalized))
+    flows = _map_flow_vectors(flows, affine)
+    row, col = torch.floor(sy + 0.5).long(), torch.floor(sx + 0.5).long()
+    hit = (row >= 0) & (row < h) & (col >= 0) & (col < w)
+    pixel = row.clamp(min=0).minimum(h - 1) * w + col.clamp(min=0).minimum(w - 1)
+    labels = _read_uint(batch.label_bytes, offset_labels + pixel * label_size, label_size, batch.label_itemsize)
+    labels = torch.where(hit, labels, torch.zeros_like(labels)).to(torch.int32)
+    ignore_last = batch.ignore.shape[0] - 1
+    ignore = hit & (offset_ignore >= 0) & batch.ignore[(offset_ignore + pixel).clamp(0, ignore_last)]
+    return images, flows, (foreground > 0.5).float(), labels, ignore, nonempty
+
+
 def _map_flow_vectors(flows: torch.Tensor, affine: _AffineParams) -> torch.Tensor:
     """Apply R(angle) @ F to (dy, dx) flow vectors (B, 2, S, S): the warp's linear part, unscaled."""
     dy, dx = flows[:, 0], flows[:, 1]
@@ -612,23 +755,24 @@ def _degrade(images: torch.Tensor, params: _DegradeParams, generator: torch.Gene
 
     Blur (zero padding) and resampling are both linear along each axis, so they fold into one
     (S, S) matrix per sample and axis: the result is ``A_y @ image @ A_x.T``, two batched matmuls
-    with no dependence of the cost on sigma and no per-sample loop. Every sample goes through
-    them (an undegraded one has identity matrices and is then kept as it was): picking out the
-    degraded ones would need their indices on the host, a host-device sync per step, to save a
-    few GFLOP against the ~70 TFLOP of a ViT-L step. The Poisson draws come last from
-    ``generator``: how many numbers they take may depend on the data on the CPU, and nothing
-    draws after them.
+    with no dependence of the cost on sigma and no per-sample loop. Only the samples drawn for a
+    degradation (``params.index``, known on the host: no sync) go through them; the others would
+    cost as much and come out unchanged, and they are most of the batch (``degrade_prob``
+    0.25-0.5). The Poisson draws come last from ``generator``: how many numbers they take may
+    depend on the data on the CPU, and nothing draws after them.
     """
-    active = (params.sigma > 0).any(dim=1) | (params.factor > 1).any(dim=1) | (params.photons > 0)
+    if params.index.numel() == 0:
+        return images
+    index = params.index_device
+    sigma, factor, photons = params.sigma[index], params.factor[index], params.photons[index]
     size = images.shape[-1]
-    along_y = _resample_matrix(params.factor[:, 0], size) @ _blur_matrix(params.sigma[:, 0], size)
-    along_x = _resample_matrix(params.factor[:, 1], size) @ _blur_matrix(params.sigma[:, 1], size)
-    degraded = along_y[:, None] @ images @ along_x[:, None].transpose(-1, -2)
-    photons = params.photons[:, None, None, None]
+    along_y = _resample_matrix(factor[:, 0], size) @ _blur_matrix(sigma[:, 0], size)
+    along_x = _resample_matrix(factor[:, 1], size) @ _blur_matrix(sigma[:, 1], size)
+    degraded = along_y[:, None] @ images[index] @ along_x[:, None].transpose(-1, -2)
+    photons = photons[:, None, None, None]
     safe = photons.clamp(min=1e-6)
     noisy = torch.poisson(degraded.clamp(min=0.0) * safe, generator=generator) / safe
-    degraded = torch.where(photons > 0, noisy, degraded)
-    return torch.where(active[:, None, None, None], degraded, images)
+    return images.index_copy(0, index, torch.where(photons > 0, noisy, degraded))
 
 
 def _blur_matrix(sigma: torch.Tensor, size: int) -> torch.Tensor:

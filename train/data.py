@@ -1,9 +1,14 @@
 """Shard loading for training and validation: stream the shardgen shards, decode, batch (CPU only).
 
-Everything here runs on the CPU and stops at decoding plus what bounds memory (a random crop to
-``max_side``) and what makes a batch rectangular (channel and spatial zero-padding). Every other
-transform (rescale, rotate, flip, intensity, degradations, normalisation) happens on the training
-device in ``train/augment.py``.
+Everything here runs on the CPU. Training batches (``build_train_loader(..., augment=cfg)``, what
+the trainer uses) move only what the step reads: the loader draws each sample's geometric
+augmentation (rescale to the target diameter, zoom, rotation, flip, crop position; the laws of
+``train/augment.py``) from the step's seed, cuts out the source window those parameters read plus
+the bilinear margin, and packs the windows in their stored dtypes without padding
+(:class:`WindowBatch`, with each sample's transform and percentile bounds). The device then does
+every resampling and intensity operation (``train/augment.py``). Validation batches (and training
+batches without ``augment``) are whole samples, cropped to ``max_side`` and zero-padded to the
+batch's largest (:class:`Batch`). Host memory is bounded in bytes: see :func:`loader_host_bytes`.
 
 Training stream (per rank)
 --------------------------
@@ -31,7 +36,8 @@ s) and the shards alone, whatever step the run started at:
   skipped, logged with its shard and key, counted in ``Batch.skipped``, and its slot refilled
   with a sample of the same group picked at random from a generator seeded by (seed, rank, v,
   j, slot), which never touches the streams.
-* The random crop of step ``s`` uses a generator seeded by (seed, rank, s).
+* The random ``max_side`` crop of step ``s`` uses a generator seeded by (seed, rank, s), its
+  geometry (WindowBatch) another seeded by (seed, rank, s).
 
 Shards of a group are split disjointly over the ``world_size * V`` (rank, virtual worker) slots
 when the group has at least that many shards; with fewer, every slot resamples all of them with
@@ -59,6 +65,7 @@ import yaml
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.shards import MANIFEST_FILE, TRAIN_SPLITS, WEIGHTS_FILE, decode_sample, group_key, sample_problems
+from train.augment import LAYOUT_COLUMNS, TRANSFORM_COLUMNS, AugmentConfig
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +73,7 @@ log = logging.getLogger(__name__)
 _FLOAT16_MAX = 65504
 # What a generator is for: the first seed word, so two purposes never share a seed. Each tag
 # always comes with the same number of words (SeedSequence treats trailing zeros as absent).
-_TAG_GROUPS, _TAG_SHARDS, _TAG_SHUFFLE, _TAG_REFILL, _TAG_CROP = range(1, 6)
+_TAG_GROUPS, _TAG_SHARDS, _TAG_SHUFFLE, _TAG_REFILL, _TAG_CROP, _TAG_GEOMETRY = range(1, 7)
 # A corrupt sample's slot is refilled from at most this many random picks of its group.
 _MAX_REFILL_PICKS = 16
 
@@ -90,11 +97,12 @@ class DataConfig:
     num_workers: int = 6
     """DataLoader worker processes per rank; 0 decodes in the training process. Part of the
     stream's definition: changing it changes the batches (see the module docstring)."""
-    prefetch_factor: int = 4
-    """Batches each worker prepares ahead."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead (in shared memory; see loader_host_bytes)."""
     max_side: int = 1024
     """Samples larger than this in H or W are randomly cropped to at most max_side x max_side on
-    the CPU, to bound batch memory; the GPU crop to 256 comes later."""
+    the CPU before anything else (the augmentation then sees that crop as the image): bounds a
+    batch's bytes (see loader_host_bytes)."""
     shuffle_buffer: int = 128
     """At most this many raw (still compressed) samples in each group's shuffle buffer, per
     worker; a buffer starts yielding at a quarter full (of this or of its share of shuffle_bytes)."""
@@ -194,6 +202,58 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+@dataclass
+class WindowBatch:
+    """One training batch as windows: per sample, the part of its image the step's warp reads,
+    in its stored dtypes, packed without padding, with the warp that reads it.
+
+    The CPU draws each sample's geometry (train.augment's rescale, zoom, rotation, flip and crop
+    shift, with its distributions) from the step's seed, and cuts out the source window the
+    (crop_size x crop_size) output reads, plus the bilinear taps' margin; the device resamples it
+    (``train.augment``). Window ``i`` is (h, w) = ``layout[i, 4:6]`` pixels; its image is (h, w, c)
+    little-endian uint8 or uint16 bytes in ``image_bytes`` from ``layout[i, 0]``, its labels (h, w)
+    uint16 or uint32 bytes in ``label_bytes`` from ``layout[i, 1]``, its flows (2, h, w) in
+    ``flows`` from ``layout[i, 2]`` and its ignore mask (h, w) in ``ignore`` from ``layout[i, 3]``
+    (-1: none).
+    """
+
+    image_bytes: torch.Tensor
+    """(N,) uint8: every window's image, (h, w, c) in its stored dtype, one after another."""
+    label_bytes: torch.Tensor
+    """(M,) uint8: every window's labels, (h, w) uint16 or uint32 as stored."""
+    flows: torch.Tensor
+    """(K,) float16: every window's unit flows (2, h, w), (dy, dx)."""
+    ignore: torch.Tensor
+    """(L,) bool: the windows' ignore masks (h, w), of the samples that have one (at least 1 element)."""
+    layout: torch.Tensor
+    """(B, 9) int64, columns :data:`LAYOUT_COLUMNS`: where each window is and its shape and dtypes."""
+    transform: torch.Tensor
+    """(B, 8) float32, columns :data:`TRANSFORM_COLUMNS`: the window pixel (y, x) the output's
+    centre shows before the shift, the total scale (rescale x zoom), the angle (radians), the flip
+    (0/1), the shift of the image centre from the crop centre (output pixels) and the zoom alone."""
+    bounds: torch.Tensor
+    """(B, 3, 2) float32: each channel's (low, high) percentiles over the whole (max_side-cropped)
+    sample, what the first normalisation maps to 0 and 1; NaN for channels the sample lacks."""
+    diameters: torch.Tensor
+    """(B,) float32 Cellpose diameter of the whole sample, from its json."""
+    datasets: list[str]
+    """Group key per sample."""
+    keys: list[str]
+    """Shard key per sample."""
+    image_itemsize: int = 1
+    """Largest image itemsize in the batch (1 or 2): how many bytes the device combines per value."""
+    label_itemsize: int = 2
+    """Largest label itemsize in the batch (2 or 4)."""
+    step: int = -1
+    """Global step this training batch belongs to."""
+    skipped: int = 0
+    """Corrupt samples, and reads of damaged shards, skipped while assembling this batch."""
+
+    to = Batch.to
+    pin_memory = Batch.pin_memory
+    __len__ = Batch.__len__
 
 
 # ------------------------------------------------------------------------------------------------
@@ -306,29 +366,29 @@ def steps_per_epoch(cfg: DataConfig, world_size: int) -> int:
     return max(1, math.ceil(samples / (cfg.batch_size * world_size)))
 
 
-# Bytes per pixel of a batch as the loader sends it: float16 images (3 channels), float16 flows
-# (2), int32 labels, bool ignore and valid masks.
-_BATCH_PIXEL_BYTES = 3 * 2 + 2 * 2 + 4 + 1 + 1
+# Largest bytes per pixel of a training batch's window: a 3-channel uint16 image, uint32 labels,
+# float16 flows (2) and an ignore mask.
+_WINDOW_PIXEL_BYTES = 3 * 2 + 4 + 2 * 2 + 1
 
 
 def loader_host_bytes(cfg: DataConfig) -> dict[str, int]:
     """Host memory one rank's training loader may hold at most, in bytes, workers included.
 
-    ``in_flight``: the batches the DataLoader keeps prefetched (``num_workers x prefetch_factor``,
-    in shared memory), each at its largest (every sample ``max_side`` x ``max_side``).
-    ``shuffle``: the shuffle buffers of all workers (``shuffle_bytes`` each). ``pinned``: the
-    batches in page-locked memory (the one the pin-memory thread fills and the one the step
-    copies from), when ``pin_memory``. ``total``: those plus the batch each worker is assembling.
-    A pure function of the config: the dry run and the loader's start-up log read the same numbers.
+    A batch is at most ``batch_size`` windows of ``max_side`` x ``max_side`` pixels at the
+    largest dtypes (15 bytes a pixel); typical windows are far smaller (docs/BENCHMARKS.md).
+    ``in_flight``: the DataLoader's outstanding batches, ``num_workers x prefetch_factor``, in
+    shared memory (a worker assembles its batch straight into it). ``shuffle``: the shuffle
+    buffers of all workers (``shuffle_bytes`` each). ``pinned``: two batches in page-locked memory
+    (the one the step copies from and the one being pinned), when ``pin_memory``. ``total``: their
+    sum. Not included: each worker's decoded samples of the batch it is assembling (their size,
+    whole images, is the data's) and the validation loader, whose workers run only while it does.
+    A pure function of the config: the dry run and the loader's start-up log print the same numbers.
     """
-    batch = cfg.batch_size * cfg.max_side**2 * _BATCH_PIXEL_BYTES
-    workers = max(cfg.num_workers, 1)
+    batch = cfg.batch_size * cfg.max_side**2 * _WINDOW_PIXEL_BYTES
     in_flight = cfg.num_workers * cfg.prefetch_factor * batch if cfg.num_workers else batch
-    shuffle = workers * cfg.shuffle_bytes
+    shuffle = max(cfg.num_workers, 1) * cfg.shuffle_bytes
     pinned = 2 * batch if cfg.pin_memory else 0
-    assembling = workers * batch
-    return dict(in_flight=in_flight, shuffle=shuffle, pinned=pinned,
-                total=in_flight + shuffle + pinned + assembling)
+    return dict(in_flight=in_flight, shuffle=shuffle, pinned=pinned, total=in_flight + shuffle + pinned)
 
 
 def _slot_shards(
@@ -379,7 +439,7 @@ class _Sample:
 
 def _decode(raw: dict, expected_group: str | None) -> _Sample:
     """Decode a raw webdataset sample and check that its parts agree; ValueError otherwise."""
-    image, labels, flows, meta, ignore = decode_sample(raw)
+    image, labels, flows, meta, ignore = decode_sample(raw, readonly=True)  # no copy: only windows are cut out
     key = raw.get("__key__", "?")
     problems = sample_problems(image, labels, flows, meta, ignore, key=key)
     if problems:
@@ -438,6 +498,144 @@ def _collate(samples: list[_Sample], max_side: int, rng: np.random.Generator | N
         datasets=[s.group for s in samples],
         keys=[s.key for s in samples],
     )
+
+
+def _geometry_draws(rng: np.random.Generator, n: int, augment: AugmentConfig) -> dict[str, np.ndarray]:
+    """Each sample's zoom, angle (radians), flip and shift fractions: train.augment's laws
+    (paper.md 1c/1d, Cellpose's random_rotate_and_resize), from one fixed-shape draw."""
+    u = rng.random((n, 5))
+    low, high = augment.zoom_log2_range
+    return dict(
+        zoom=2.0 ** (low + (high - low) * u[:, 0]),
+        angle=np.deg2rad(augment.rotation_degrees * (2 * u[:, 1] - 1)),
+        flip=u[:, 2] < augment.flip_prob,
+        shift=u[:, 3:5] - 0.5,  # times the slack, per axis
+    )
+
+
+def _inverse_corners(centre, scale, angle, flip, shift, crop_size) -> np.ndarray:
+    """(4, 2) source (y, x) of the output crop's corner pixels: train.augment's inverse affine map."""
+    half = (crop_size - 1) / 2
+    q = np.array([[-half, -half], [-half, half], [half, -half], [half, half]]) - shift
+    cos, sin = math.cos(angle), math.sin(angle)
+    src_y = (cos * q[:, 0] + sin * q[:, 1]) / scale
+    src_x = (-sin * q[:, 0] + cos * q[:, 1]) / scale
+    if flip:
+        src_x = -src_x
+    return np.stack([src_y + centre[0], src_x + centre[1]], axis=1)
+
+
+def channel_bounds(image: np.ndarray, percentiles: tuple[float, float], max_pixels: int) -> np.ndarray:
+    """(C, 2) float32 (low, high) percentiles of each channel of an (H, W, C) uint8/uint16 image.
+
+    ``np.percentile``'s linear interpolation, on a strided subsample of at most about
+    ``max_pixels`` pixels (train.augment's ``_percentile_bounds`` rule), read from a histogram
+    of the integer values: exact, and a fraction of a sort's cost.
+    """
+    flat = image.reshape(-1, image.shape[-1])
+    step = -(-flat.shape[0] // max_pixels)
+    sub = flat[::step]
+    n = sub.shape[0]
+    position = np.array(percentiles, np.float64) / 100.0 * (n - 1)
+    below = np.floor(position)
+    ranks = np.concatenate([below, np.minimum(below + 1, n - 1)]).astype(np.int64)
+    out = np.empty((image.shape[-1], 2), np.float32)
+    for channel in range(image.shape[-1]):
+        cumulative = np.cumsum(np.bincount(sub[:, channel]))
+        values = np.searchsorted(cumulative, ranks, side="right").astype(np.float64)  # order statistics
+        value0, value1 = values[:2], values[2:]
+        out[channel] = value0 + (value1 - value0) * (position - below)
+    return out
+
+
+def _collate_windows(
+    samples: list[_Sample], max_side: int, crop_rng: np.random.Generator, geometry_rng: np.random.Generator,
+    augment: AugmentConfig,
+) -> WindowBatch:
+    """Draw each sample's geometry, cut out the window its warp reads, pack the windows."""
+    n = len(samples)
+    draws = _geometry_draws(geometry_rng, n, augment)
+    crop = augment.crop_size
+    offsets = dict.fromkeys(("image", "labels", "flows", "ignore"), 0)
+    windows: list[tuple[slice, slice]] = []
+    layout = np.zeros((n, len(LAYOUT_COLUMNS)), np.int64)
+    transform = np.zeros((n, len(TRANSFORM_COLUMNS)), np.float32)
+    bounds = np.full((n, 3, 2), np.nan, np.float32)
+    for i, sample in enumerate(samples):
+        # The region the old loader cropped to max_side (same draws): the image as augment sees it.
+        ys = _crop_window(sample.image.shape[0], max_side, crop_rng)
+        xs = _crop_window(sample.image.shape[1], max_side, crop_rng)
+        h, w = ys.stop - ys.start, xs.stop - xs.start
+        image = sample.image[ys, xs]
+        bounds[i, : image.shape[2]] = channel_bounds(image, augment.percentiles, augment.percentile_max_pixels)
+        rescale = augment.target_diameter / max(sample.diameter, augment.min_diameter)
+        scale = rescale * draws["zoom"][i]
+        # The crop centre may move as far as the scaled image covers the crop (train.augment's rule).
+        slack = np.maximum(np.array([h, w]) * scale - crop, 0.0)
+        shift = slack * draws["shift"][i]
+        centre = np.array([(h - 1) / 2, (w - 1) / 2])
+        corners = _inverse_corners(centre, scale, draws["angle"][i], draws["flip"][i], shift, crop)
+        # Bilinear reads floor(p) and floor(p) + 1, nearest floor(p + 0.5); one more pixel each side
+        # covers float32 rounding on the device.
+        low = np.floor(corners.min(axis=0)).astype(np.int64) - 1
+        high = np.floor(corners.max(axis=0)).astype(np.int64) + 3
+        y0, x0 = int(np.clip(low[0], 0, h - 1)), int(np.clip(low[1], 0, w - 1))
+        y1, x1 = int(np.clip(high[0], y0 + 1, h)), int(np.clip(high[1], x0 + 1, w))
+        rows, cols = slice(ys.start + y0, ys.start + y1), slice(xs.start + x0, xs.start + x1)
+        windows.append((rows, cols))
+        wh, ww = y1 - y0, x1 - x0
+        sizes = {"image": wh * ww * image.shape[2] * image.dtype.itemsize,
+                 "labels": wh * ww * sample.labels.dtype.itemsize, "flows": 2 * wh * ww,
+                 "ignore": wh * ww if sample.ignore is not None else 0}
+        where = {}
+        for name, nbytes in sizes.items():
+            where[name] = offsets[name] if nbytes else -1
+            offsets[name] += nbytes
+        layout[i] = (where["image"], where["labels"], where["flows"], where["ignore"], wh, ww,
+                     image.shape[2], image.dtype.itemsize, sample.labels.dtype.itemsize)
+        transform[i] = (centre[0] - y0, centre[1] - x0, scale, draws["angle"][i], float(draws["flip"][i]),
+                        shift[0], shift[1], draws["zoom"][i])
+    # One copy of each window, straight into the batch's buffers (in shared memory in a worker,
+    # so the DataLoader's hand-over to the rank copies nothing more).
+    buffers = {name: _buffer(offsets[name], dtype)
+               for name, dtype in (("image", torch.uint8), ("labels", torch.uint8), ("flows", torch.float16),
+                                   ("ignore", torch.bool))}
+    arrays = {name: buffer.numpy() for name, buffer in buffers.items()}
+    for i, (sample, (rows, cols)) in enumerate(zip(samples, windows)):
+        start_image, start_labels, start_flows, start_ignore, wh, ww, c = (int(v) for v in layout[i, :7])
+        image, labels = sample.image, sample.labels
+        out = arrays["image"][start_image: start_image + wh * ww * c * image.dtype.itemsize]
+        out.view(image.dtype).reshape(wh, ww, c)[...] = image[rows, cols]
+        out = arrays["labels"][start_labels: start_labels + wh * ww * labels.dtype.itemsize]
+        out.view(labels.dtype).reshape(wh, ww)[...] = labels[rows, cols]
+        arrays["flows"][start_flows: start_flows + 2 * wh * ww].reshape(2, wh, ww)[...] = sample.flows[:, rows, cols]
+        if start_ignore >= 0:
+            arrays["ignore"][start_ignore: start_ignore + wh * ww].reshape(wh, ww)[...] = sample.ignore[rows, cols]
+    return WindowBatch(
+        image_bytes=buffers["image"],
+        label_bytes=buffers["labels"],
+        flows=buffers["flows"],
+        ignore=buffers["ignore"],
+        layout=torch.from_numpy(layout),
+        transform=torch.from_numpy(transform),
+        bounds=torch.from_numpy(bounds),
+        diameters=torch.tensor([s.diameter for s in samples], dtype=torch.float32),
+        datasets=[s.group for s in samples],
+        keys=[s.key for s in samples],
+        image_itemsize=int(layout[:, 7].max()),
+        label_itemsize=int(layout[:, 8].max()),
+    )
+
+
+def _buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A 1-D tensor to fill, in shared memory inside a DataLoader worker (as torch's default_collate
+    allocates its output there), in ordinary memory otherwise."""
+    if numel == 0:  # no sample has this part (no ignore mask): one zero, so that indexing stays valid
+        return torch.zeros(1, dtype=dtype)
+    if get_worker_info() is None:
+        return torch.empty(numel, dtype=dtype)
+    base = torch.empty(0, dtype=dtype)
+    return base.new(base._typed_storage()._new_shared(numel, device=base.device))
 
 
 def _padding_batch(side: int = 16) -> Batch:
@@ -588,9 +786,11 @@ class _Chunk:
 class _TrainStream(IterableDataset):
     """Endless training batches of one rank starting at ``start_step`` (see the module docstring)."""
 
-    def __init__(self, cfg: DataConfig, groups: tuple[_Group, ...], rank: int, world_size: int, start_step: int):
+    def __init__(self, cfg: DataConfig, groups: tuple[_Group, ...], rank: int, world_size: int, start_step: int,
+                 augment: AugmentConfig | None = None):
         super().__init__()
         self.cfg = cfg
+        self.augment = augment
         self.groups = groups
         self.rank = rank
         self.world_size = world_size
@@ -642,7 +842,12 @@ class _TrainStream(IterableDataset):
             samples.append(sample)
             skipped += failed
         step = virtual + local * self.n_virtual
-        batch = _collate(samples, self.cfg.max_side, _rng(_TAG_CROP, self.cfg.seed, self.rank, step))
+        crop_rng = _rng(_TAG_CROP, self.cfg.seed, self.rank, step)
+        if self.augment is None:
+            batch = _collate(samples, self.cfg.max_side, crop_rng)
+        else:
+            geometry_rng = _rng(_TAG_GEOMETRY, self.cfg.seed, self.rank, step)
+            batch = _collate_windows(samples, self.cfg.max_side, crop_rng, geometry_rng, self.augment)
         batch.step, batch.skipped = step, skipped
         return batch
 
@@ -689,7 +894,8 @@ class TrainLoader:
     ``next``.
     """
 
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int, start_step: int = 0):
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, start_step: int = 0,
+                 augment: AugmentConfig | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}); got {rank}")
         if start_step < 0:
@@ -698,6 +904,7 @@ class TrainLoader:
         self.rank = rank
         self.world_size = world_size
         self.step = start_step
+        self.augment = augment
         self.groups = _train_groups(cfg)
         self.weights = {g.key: g.weight for g in self.groups}  # probability each group is drawn with
         self.steps_per_epoch = steps_per_epoch(cfg, world_size)
@@ -709,7 +916,7 @@ class TrainLoader:
         self._iterator: Iterator[Batch] | None = None
 
     def _start(self) -> Iterator[Batch]:
-        dataset = _TrainStream(self.cfg, self.groups, self.rank, self.world_size, self.step)
+        dataset = _TrainStream(self.cfg, self.groups, self.rank, self.world_size, self.step, self.augment)
         loader = DataLoader(
             dataset,
             batch_size=None,
@@ -765,9 +972,16 @@ def _log_plan(groups: tuple[_Group, ...], world_size: int, n_virtual: int) -> No
                     "their shards, so ranks may see the same samples in one step", few, slots)
 
 
-def build_train_loader(cfg: DataConfig, rank: int, world_size: int, start_step: int = 0) -> TrainLoader:
-    """Endless training batches of ``rank`` from global step ``start_step`` on (an iterator)."""
-    return TrainLoader(cfg, rank, world_size, start_step)
+def build_train_loader(
+    cfg: DataConfig, rank: int, world_size: int, start_step: int = 0, augment: AugmentConfig | None = None
+) -> TrainLoader:
+    """Endless training batches of ``rank`` from global step ``start_step`` on (an iterator).
+
+    With ``augment`` the batches are :class:`WindowBatch` es: the CPU draws each sample's geometry
+    from the step's seed and sends only the window the warp reads (what the trainer uses).
+    Without it they are whole-sample :class:`Batch` es, padded to the batch's largest sample.
+    """
+    return TrainLoader(cfg, rank, world_size, start_step, augment)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -889,6 +1103,7 @@ __all__ = [
     "Batch",
     "DataConfig",
     "TrainLoader",
+    "WindowBatch",
     "build_train_loader",
     "build_val_loader",
     "loader_host_bytes",

@@ -28,7 +28,7 @@ def parse(argv=None):
         "python train/main.py --list-options prints them all.",
     )
     parser.add_argument("--config", type=Path, help="YAML config (configs/paper.yaml, configs/tiny-cpu.yaml)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run_dir")
+    parser.add_argument("--resume", action="store_true", help="continue the run in run_dir even where its settings differ from this launch's (a launch with the same settings continues it anyway)")
     parser.add_argument("--list-options", action="store_true", help="print every config option and exit")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value")
     args = parser.parse_args(argv)

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from tqdm import tqdm
 
-from pipeline.model import ENCODERS, build_model, forward_flops_parts, sample_layer_drop, to_cellpose
+from pipeline.model import ENCODERS, ModelConfig, build_model, forward_flops_parts, sample_layer_drop, to_cellpose
 from train.augment import augment
 from train.checkpoint import Checkpointer, resume_step
 from train.config import TrainConfig
@@ -92,6 +92,18 @@ def process_group_options(cuda: bool, local_rank: int) -> dict:
     return {"backend": "gloo"}
 
 
+def init_distributed(cuda: bool, local_rank: int) -> None:
+    """The process group of a torchrun worker (env://), one that also survives torchrun's restarts.
+
+    torchrun --max-restarts relaunches every worker against the same agent store, where gloo
+    would read the dead attempt's addresses under the same keys and fail to connect (torch
+    2.14: "connectFullMesh failed ... Connection refused"). Each attempt gets its own keys.
+    """
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(store=store, rank=rank, world_size=world_size, **process_group_options(cuda, local_rank))
+
+
 @dataclass
 class StepRandom:
     """The generators of one micro-batch of one rank (seeded from seed, rank, step, micro-batch)."""
@@ -102,6 +114,19 @@ class StepRandom:
     """On the CPU, this rank's own: which samples skip each block."""
     drop_counts: torch.Generator
     """On the CPU, the same on every rank (no rank in its seed): how many samples skip each block."""
+
+
+def layer_drop_masks(cfg: ModelConfig, batch_size: int, random: StepRandom) -> torch.Tensor | None:
+    """The (batch_size, depth) layer-drop masks of a micro-batch, on the CPU; None without layer drop.
+
+    Counts shared by every rank, samples chosen per rank (``pipeline.model.sample_layer_drop``):
+    every rank runs each block on as many samples, so none waits for another at the block's
+    FSDP collectives.
+    """
+    if cfg.layer_drop <= 0:
+        return None
+    return sample_layer_drop(batch_size, ENCODERS[cfg.encoder].depth, cfg.layer_drop,
+                             random.layer_drop, random.drop_counts)
 
 
 def step_random(seed: int, rank: int, step: int, micro: int, device: torch.device,
@@ -156,7 +181,7 @@ class Trainer:
         cuda = torch.cuda.is_available()
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if not dist.is_initialized():
-            dist.init_process_group(**process_group_options(cuda, local_rank))
+            init_distributed(cuda, local_rank)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
         if cuda:
@@ -244,7 +269,8 @@ class Trainer:
         self._install_signal_handlers()
         total = self.total_steps
         # The loader counts micro-batches, so a resumed stream starts at step x accumulation.
-        loader = iter(build_train_loader(cfg.data, self.rank, self.world, start_step=self.step * self.accumulation))
+        loader = iter(build_train_loader(cfg.data, self.rank, self.world, start_step=self.step * self.accumulation,
+                                          augment=cfg.augment))  # windows: the loader draws the geometry
         if cfg.loop.val_every and self.step == 0:
             self._log({"val_loss": self.validate()}, prefix="")  # the starting point of the curve
         progress = tqdm(total=total, initial=self.step, desc="train", unit="step", disable=self.rank != 0)
@@ -339,14 +365,8 @@ class Trainer:
 
     def _layer_drop(self, batch_size: int, random: StepRandom) -> torch.Tensor | None:
         """This micro-batch's layer-drop masks (on the CPU), and its model FLOPs counted."""
-        kept_blocks = batch_size * self._depth
-        drop = None
-        if self.cfg.model.layer_drop > 0:
-            # Counts shared by every rank, samples chosen per rank: no rank waits for another at
-            # a block's collectives (pipeline.model.sample_layer_drop).
-            drop = sample_layer_drop(batch_size, self._depth, self.cfg.model.layer_drop,
-                                     random.layer_drop, random.drop_counts)
-            kept_blocks = int((~drop).sum())  # a CPU tensor: no device involved
+        drop = layer_drop_masks(self.cfg.model, batch_size, random)
+        kept_blocks = batch_size * self._depth if drop is None else int((~drop).sum())  # CPU: no device
         # Forward + backward = 3 x the forward, of the work actually done (MFU's definition).
         self._window_flops += 3 * (batch_size * self._flops_outside + kept_blocks * self._flops_block)
         return drop

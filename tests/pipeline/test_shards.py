@@ -62,3 +62,17 @@ def test_image_problem():
     assert image_problem(np.zeros((4, 4, 3), np.uint8)) is None
     assert "channels" in image_problem(np.zeros((4, 4, 4), np.uint8))
     assert "empty" in image_problem(np.zeros((0, 4, 1), np.uint16))
+
+
+@pytest.mark.parametrize("array", [np.arange(60, dtype=np.uint16).reshape(3, 4, 5), np.ones((2, 7), np.float16),
+                                   np.zeros((5,), bool), np.arange(6, dtype=">u4").reshape(2, 3),
+                                   np.asfortranarray(np.arange(12, dtype=np.uint8).reshape(3, 4))])
+def test_readonly_decoding_equals_np_load(array):
+    from pipeline.shards import decode_array, encode_array
+
+    data = encode_array(array)
+    fast = decode_array(data, readonly=True)
+    assert fast.dtype == array.dtype and fast.shape == array.shape
+    np.testing.assert_array_equal(fast, array)
+    np.testing.assert_array_equal(decode_array(data), array)
+    assert decode_array(data).flags.writeable

@@ -363,6 +363,8 @@ def test_degrade_transforms_only_its_samples_each_by_its_own_matrices():
         sigma=torch.tensor([[0.0, 0.0], [2.0, 0.2], [0.0, 0.0], [1.5, 1.5]]),
         factor=torch.tensor([[1, 1], [1, 1], [1, 1], [3, 3]]),
         photons=torch.zeros(4),
+        index=torch.tensor([1, 3]),  # the samples drawn for a degradation
+        index_device=torch.tensor([1, 3]),
     )
     out = _degrade(images, params, torch.Generator().manual_seed(0))
     assert torch.equal(out[[0, 2]], images[[0, 2]])
@@ -708,3 +710,129 @@ def test_cuda_is_deterministic_and_validation_matches_cpu():
 
 def _to_cuda(value):
     return value.cuda() if isinstance(value, torch.Tensor) else value
+
+
+# ------------------------------------------------------------------------------------------------
+# Window batches: the loader draws the geometry and cuts windows, the device resamples them
+# ------------------------------------------------------------------------------------------------
+
+
+def window_samples(specs, ignore_every: int = 0):
+    """train.data samples from (kind, (H, W), seed): stored dtypes, float16 flows."""
+    from train.data import _Sample
+
+    samples = []
+    for i, (kind, shape, seed) in enumerate(specs):
+        image, labels = generate(kind, shape, seed=seed, diameter=14.0)
+        if image.dtype == np.uint16:
+            image = np.minimum(image, 2047).astype(np.uint16)  # exact in the old path's float16 too
+        ignore = None
+        if ignore_every and i % ignore_every == 0:
+            ignore = (np.add.outer(np.arange(shape[0]), np.arange(shape[1])) % 7) == 0
+        samples.append(_Sample(image, labels, masks_to_flows(labels).astype(np.float16), ignore,
+                               cellpose_diameter(labels), "test", f"k{i}"))
+    return samples
+
+
+def window_batch(samples, cfg: AugmentConfig, step: int, max_side: int = 1024):
+    from train.data import _collate_windows, _rng
+
+    return _collate_windows(samples, max_side, _rng(5, 0, 0, step), _rng(6, 0, 0, step), cfg)
+
+
+def test_window_warp_equals_the_whole_sample_warp():
+    """The windows and the whole samples give the same crops for the same affine map: the loader's
+    window holds every pixel the map reads, and the taps do the same arithmetic."""
+    from train.augment import _finite, _normalize_percentile, _warp_windows
+    from train.data import _collate, _rng
+
+    samples = window_samples([("cyto", (200, 170), 1), ("he", (120, 260), 2), ("nuclei", (260, 240), 3),
+                              ("bacteria", (96, 96), 4)], ignore_every=2)
+    cfg = AugmentConfig(percentile_max_pixels=1 << 20)  # both take the percentiles over every pixel
+    read_fraction = []
+    for step in range(4):
+        windows = window_batch(samples, cfg, step)
+        whole = _collate(samples, 1024, _rng(5, 0, 0, step))  # the same max_side crop draws
+        t = windows.transform
+        affine = _AffineParams(scale=t[:, 2], angle=t[:, 3], flip=t[:, 4] > 0.5, shift=t[:, 5:7])
+        images, nonempty = _normalize_percentile(_finite(whole.images.float()), whole.valid, cfg.percentiles,
+                                                 cfg.percentile_max_pixels)
+        centre, _ = _source_extents(whole.valid)
+        expected = _warp(images, whole.flows, whole.labels, whole.ignore, whole.valid, centre, affine, cfg.crop_size)
+        got = _warp_windows(windows, affine, t[:, 0:2], cfg.crop_size)
+        for name, a, b in zip(("images", "flows", "cellprob"), expected[:3], got[:3]):
+            torch.testing.assert_close(b, a, atol=1e-3, rtol=1e-4, msg=name)
+        # Nearest-neighbour ties (p exactly x.5) may round either way in float32: a pixel or two.
+        for name, a, b in zip(("labels", "ignore"), expected[3:], got[3:5]):
+            assert (a != b).sum() <= 4, name
+        assert torch.equal(got[5], nonempty)
+        sizes = torch.tensor([s.image.shape[0] * s.image.shape[1] for s in samples])
+        read_fraction += (windows.layout[:, 4] * windows.layout[:, 5] / sizes).tolist()
+    assert min(read_fraction) < 0.5  # the draws include windows well inside their image
+
+
+@pytest.mark.slow
+def test_window_batches_keep_the_flows_of_the_warped_labels():
+    cfg = AugmentConfig(crop_size=128)
+    samples = window_samples([(k, (160, 160), i) for i, k in enumerate(["cyto", "nuclei", "he", "bacteria"])])
+    flips, angles, means = set(), [], []
+    for step in range(5):
+        batch = window_batch(samples, cfg, step)
+        out = augment(batch, cfg, torch.Generator().manual_seed(step))
+        assert out.images.shape == (4, 3, 128, 128) and out.labels.dtype == torch.int32
+        assert torch.isfinite(out.images).all() and (out.weight == 1).all()
+        flips |= set((batch.transform[:, 4] > 0.5).tolist())
+        angles += torch.rad2deg(batch.transform[:, 3]).tolist()
+        for i in range(4):
+            cosines = interior_flow_cosines(out.labels[i].numpy(), out.flows[i].numpy())
+            if cosines.size >= 200:
+                means.append(float(cosines.mean()))
+    assert flips == {False, True} and max(angles) > 90 and min(angles) < -90
+    assert len(means) >= 10 and min(means) >= 0.9, np.round(means, 3)
+
+
+def test_loader_geometry_has_the_device_draws_distributions():
+    """Zoom, angle, flip and crop position drawn by the loader follow _draw_params' laws (which
+    test_parameter_statistics pins to the paper's): two-sample KS tests against the device draws."""
+    from scipy import stats
+
+    from train.data import _geometry_draws, _rng
+
+    n = 20_000
+    cfg = AugmentConfig()
+    cpu = _geometry_draws(_rng(6, 0, 0, 0), n, cfg)
+    affine, _, _ = _draw_params(torch.full((n,), 0.5), torch.full((n, 2), 1000.0), cfg,
+                                torch.Generator().manual_seed(0))
+    assert stats.ks_2samp(np.log2(cpu["zoom"]), torch.log2(affine.scale / 0.5).numpy()).pvalue > 0.01
+    assert stats.ks_2samp(cpu["angle"], affine.angle.numpy()).pvalue > 0.01
+    assert stats.binomtest(int(cpu["flip"].sum()), n, 0.5).pvalue > 0.01
+    # Crop position: the shift as a fraction of its range, where there is a range.
+    slack = (1000.0 * affine.scale[:, None] - cfg.crop_size).clamp(min=0).expand(n, 2)
+    device_fraction = (affine.shift / slack.clamp(min=1e-6))[slack > 0].numpy()
+    assert stats.ks_2samp(cpu["shift"].ravel(), device_fraction).pvalue > 0.01
+    assert stats.kstest(cpu["shift"].ravel(), stats.uniform(-0.5, 1).cdf).pvalue > 0.01
+
+
+def test_window_batch_through_augment_is_reproducible_and_moves_with_the_device_draws():
+    cfg = AugmentConfig(crop_size=64)
+    samples = window_samples([("nuclei", (96, 96), 0), ("he", (80, 120), 1)])
+    batch = window_batch(samples, cfg, step=3)
+    a = augment(batch, cfg, torch.Generator().manual_seed(1))
+    b = augment(batch, cfg, torch.Generator().manual_seed(1))
+    c = augment(batch, cfg, torch.Generator().manual_seed(2))
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, c.labels)  # geometry is the loader's
+    assert not torch.equal(a.images, c.images)  # intensity draws are the device's
+    with pytest.raises(ValueError, match="training batch"):
+        augment(batch, cfg, None, train=False)
+
+
+def test_read_uint_combines_little_endian_bytes_of_each_sample_s_itemsize():
+    from train.augment import _read_uint
+
+    values16 = np.array([1, 258, 65535], np.uint16)
+    values32 = np.array([70000, 4_000_000_000], np.uint32)
+    buffer = torch.from_numpy(np.concatenate([values16.view(np.uint8), values32.view(np.uint8)]))
+    index = torch.tensor([[0, 2, 4], [6, 10, 10]])
+    itemsize = torch.tensor([[2], [4]])
+    got = _read_uint(buffer, index, itemsize, max_itemsize=4)
+    assert got.tolist() == [[1, 258, 65535], [70000, 4_000_000_000, 4_000_000_000]]

@@ -5,7 +5,14 @@ import json
 import pytest
 import torch
 
-from train.checkpoint import CheckpointConfig, Checkpointer, checkpoint_steps
+from train.checkpoint import (
+    CheckpointConfig,
+    Checkpointer,
+    RunDirConflict,
+    checkpoint_steps,
+    config_changes,
+    resume_step,
+)
 
 
 class Counter:
@@ -80,3 +87,53 @@ def test_should_save_every_n_steps():
     assert [s for s in range(1, 16) if checkpointer.should_save(s)] == [5, 10, 15]
     with pytest.raises(ValueError, match="checkpoint.keep"):
         CheckpointConfig(keep=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Which step a launch starts at: one run per run directory (issue 18, item 8)
+# ------------------------------------------------------------------------------------------------
+
+
+def saved_run(tmp_path, config: dict, steps=(10, 20)):
+    model, optimizer = make(0)
+    checkpointer = Checkpointer(CheckpointConfig(), tmp_path, model, optimizer, config_json=json.dumps(config))
+    for step in steps:
+        checkpointer.save(step)
+
+
+CONFIG = {"seed": 0, "optim": {"lr": 1e-3}, "loop": {"max_steps": 30, "log_every": 5},
+          "checkpoint": {"every": 10, "resume": False}, "data": {"root": "shards", "num_workers": 2}}
+
+
+def test_a_relaunch_with_the_same_settings_resumes_at_the_newest_checkpoint(tmp_path):
+    assert resume_step(tmp_path, json.dumps(CONFIG)) is None  # nothing there: step 0
+    saved_run(tmp_path, CONFIG)
+    assert resume_step(tmp_path, json.dumps(CONFIG)) == 20
+    # How the run is executed, logged and stored may change between launches.
+    relaunch = json.loads(json.dumps(CONFIG))
+    relaunch["loop"] |= {"max_steps": 60, "log_every": 1}
+    relaunch["checkpoint"] |= {"every": 5, "resume": True}
+    relaunch["data"]["root"] = "/mnt/elsewhere/shards"
+    assert resume_step(tmp_path, json.dumps(relaunch)) == 20
+
+
+def test_a_launch_with_other_settings_is_refused_naming_the_checkpoint_and_the_choices(tmp_path):
+    saved_run(tmp_path, CONFIG)
+    other = json.loads(json.dumps(CONFIG))
+    other["optim"]["lr"] = 2e-3
+    other["data"]["num_workers"] = 4  # changes the batches (train/data.py)
+    with pytest.raises(RunDirConflict) as raised:
+        resume_step(tmp_path, json.dumps(other))
+    message = str(raised.value)
+    assert str(tmp_path / "checkpoints" / "step_0000020") in message
+    assert "optim.lr: 0.001 -> 0.002" in message and "data.num_workers: 2 -> 4" in message
+    assert "--resume" in message and "run_dir=" in message
+    # --resume continues it anyway.
+    assert resume_step(tmp_path, json.dumps(other), force=True) == 20
+
+
+def test_config_changes_ignores_options_one_side_lacks():
+    newer = json.loads(json.dumps(CONFIG))
+    newer["loop"]["eval_every"] = 100  # an option an older checkpoint never had
+    assert config_changes(CONFIG, newer) == []
+    assert config_changes(CONFIG, newer | {"seed": 1}) == ["seed: 0 -> 1"]

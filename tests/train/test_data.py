@@ -490,7 +490,9 @@ def test_loader_host_bytes_counts_what_the_config_allows(tmp_path):
     host = loader_host_bytes(cfg)
     assert set(host) >= {"in_flight", "shuffle", "pinned", "total"}
     assert host["shuffle"] == 2 * 1000
-    assert host["total"] >= host["in_flight"] + host["shuffle"] + host["pinned"]
+    assert host["total"] == host["in_flight"] + host["shuffle"] + host["pinned"]
+    # A window pixel is at most 15 bytes: 3 x uint16 image, uint32 labels, 2 x float16 flows, bool ignore.
+    assert host["in_flight"] == 2 * 3 * 4 * 64 * 64 * 15
     bigger = loader_host_bytes(dataclasses.replace(cfg, prefetch_factor=6))
     assert bigger["in_flight"] == 2 * host["in_flight"]
     assert loader_host_bytes(dataclasses.replace(cfg, pin_memory=False))["pinned"] == 0
@@ -519,3 +521,87 @@ def test_shuffle_buffer_is_bounded_in_bytes_and_loses_nothing():
     assert sorted(int(s["__key__"]) for s in out) == list(range(300))  # a permutation
     assert [s["__key__"] for s in out] != [s["__key__"] for s in samples]
     assert peak <= 500 + 2 * max(sizes)  # the budget, overshot by at most the two samples just taken in
+
+
+# ------------------------------------------------------------------------------------------------
+# Window batches (the trainer's path: build_train_loader(..., augment=cfg))
+# ------------------------------------------------------------------------------------------------
+
+
+def assert_window_batches_equal(a, b) -> None:
+    assert (a.step, a.keys, a.datasets, a.skipped) == (b.step, b.keys, b.datasets, b.skipped)
+    assert (a.image_itemsize, a.label_itemsize) == (b.image_itemsize, b.label_itemsize)
+    for name in ("image_bytes", "label_bytes", "flows", "ignore", "layout", "transform", "diameters"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    torch.testing.assert_close(a.bounds, b.bounds, rtol=0, atol=0, equal_nan=True)  # NaN: channels a sample lacks
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resumed_window_loader_yields_the_batches_of_an_uninterrupted_run(root, num_workers):
+    from train.augment import AugmentConfig
+
+    cfg = config(root, batch_size=3, num_workers=num_workers, chunk_steps=3, max_side=48)
+    augment_cfg = AugmentConfig(crop_size=32)
+    full = take(build_train_loader(cfg, rank=1, world_size=2, start_step=0, augment=augment_cfg), 10)
+    assert all(isinstance(b, data.WindowBatch) for b in full) and [b.step for b in full] == list(range(10))
+    for start in (4, 7):
+        resumed = take(build_train_loader(cfg, rank=1, world_size=2, start_step=start, augment=augment_cfg), 10 - start)
+        for a, b in zip(full[start:], resumed, strict=True):
+            assert_window_batches_equal(a, b)
+    # The geometry comes from the step's seed: another seed draws other transforms.
+    other = take(build_train_loader(dataclasses.replace(cfg, seed=1), rank=1, world_size=2, augment=augment_cfg), 2)
+    assert not torch.equal(other[0].transform, full[0].transform)
+
+
+def test_windows_hold_the_stored_arrays_the_warp_reads(root):
+    """Each window is the stored sample's pixels (stored dtypes) around the crop's footprint."""
+    from train.augment import LAYOUT_COLUMNS, AugmentConfig
+
+    stored = originals(root)
+    augment_cfg = AugmentConfig(crop_size=16)
+    loader = build_train_loader(config(root, batch_size=6), rank=0, world_size=1, augment=augment_cfg)
+    column = LAYOUT_COLUMNS.index
+    smaller = 0
+    for batch in take(loader, 4):
+        for i, key in enumerate(batch.keys):
+            image, labels, flows, meta, ignore = stored[key]
+            row = batch.layout[i].tolist()
+            h, w, c = row[column("height")], row[column("width")], row[column("channels")]
+            assert c == image.shape[2] and h <= image.shape[0] and w <= image.shape[1]
+            assert row[column("image_itemsize")] == image.dtype.itemsize
+            assert row[column("label_itemsize")] == labels.dtype.itemsize
+            start = row[column("image_offset")]
+            window = batch.image_bytes[start: start + h * w * c * image.dtype.itemsize].numpy().view(image.dtype)
+            window = window.reshape(h, w, c)
+            # Where the window sits in the image: find it (the images are noise, so it is unique).
+            found = [(y, x) for y in range(image.shape[0] - h + 1) for x in range(image.shape[1] - w + 1)
+                     if np.array_equal(image[y: y + h, x: x + w], window)]
+            assert len(found) == 1, key
+            y, x = found[0]
+            start = row[column("flow_offset")]
+            np.testing.assert_array_equal(batch.flows[start: start + 2 * h * w].numpy().reshape(2, h, w),
+                                          flows[:, y: y + h, x: x + w])
+            start = row[column("label_offset")]
+            got = batch.label_bytes[start: start + h * w * labels.dtype.itemsize].numpy().view(labels.dtype)
+            np.testing.assert_array_equal(got.reshape(h, w), labels[y: y + h, x: x + w])
+            start = row[column("ignore_offset")]
+            assert (start >= 0) == (ignore is not None)
+            if ignore is not None:
+                np.testing.assert_array_equal(batch.ignore[start: start + h * w].numpy().reshape(h, w),
+                                              ignore[y: y + h, x: x + w])
+            smaller += h * w < image.shape[0] * image.shape[1]
+    assert smaller > 0  # zoomed-in crops read only part of their image
+
+
+def test_channel_bounds_equal_numpy_percentiles():
+    rng = np.random.default_rng(0)
+    for dtype, top in ((np.uint8, 256), (np.uint16, 65536)):
+        image = rng.integers(0, top, (37, 53, 3)).astype(dtype)
+        got = data.channel_bounds(image, (1.0, 99.0), 1 << 16)
+        expected = np.percentile(image.reshape(-1, 3).astype(np.float64), [1.0, 99.0], axis=0).T
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+    # A large image: the strided subsample, as train.augment's _percentile_bounds takes it.
+    image = rng.integers(0, 256, (300, 300, 1)).astype(np.uint8)
+    sub = image.reshape(-1, 1)[:: -(-90000 // 4096)]
+    np.testing.assert_allclose(data.channel_bounds(image, (2.0, 98.0), 4096),
+                               np.percentile(sub.astype(np.float64), [2.0, 98.0], axis=0).T, rtol=1e-6)

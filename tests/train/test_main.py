@@ -7,6 +7,7 @@ takes exactly the config's options.
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -34,8 +35,9 @@ def shards(tmp_path_factory) -> Path:
     return out
 
 
-def torchrun(args, run_dir: Path, **popen):
+def torchrun(args, run_dir: Path, restarts: int = 0, **popen):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               f"--max-restarts={restarts}",
                str(REPO / "train" / "main.py"), "--config", str(REPO / "configs" / "tiny-cpu.yaml"),
                f"run_dir={run_dir}", *args]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
@@ -123,3 +125,91 @@ def test_command_line_takes_exactly_the_config_options():
     bad = subprocess.run([sys.executable, str(REPO / "train" / "main.py"), "optim.learning_rate=1"],
                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert bad.returncode == 2 and "unknown option(s) optim.learning_rate" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 18: the GPU run's paths on the CPU, layer drop without stragglers, one run per directory
+# ------------------------------------------------------------------------------------------------
+
+
+def test_layer_drop_runs_each_block_on_as_many_samples_on_every_rank(tmp_path):
+    # FSDP2's per-block all-gather and reduce-scatter make every rank wait for the slowest one in
+    # each block: the ranks must run each block on the same number of samples.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "tests" / "train" / "layer_drop_ranks.py"), str(tmp_path)]
+    result = subprocess.run(command, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for step0, step1 in zip(*ranks):
+        assert step0["block_batches"] == step1["block_batches"]
+        # The blocks ran on exactly the samples the masks keep (a fully dropped block runs on one,
+        # keeping nothing: pipeline.model keeps every block in every rank's graph).
+        kept = (~torch.tensor(step0["drop"], dtype=torch.bool)).sum(0).tolist()
+        assert step0["block_batches"] == [k if k else 1 for k in kept]
+    # ... while which samples drop a block is each rank's own draw.
+    assert any(step0["drop"] != step1["drop"] for step0, step1 in zip(*ranks))
+    assert len({tuple(step["block_batches"]) for step in ranks[0]}) > 1  # the counts vary by step
+
+
+def test_gpu_mixed_precision_policy_trains_on_gloo(shards, tmp_path):
+    # parallel.mixed_precision=bf16: the policy a CUDA run applies (bf16 compute, fp32 reduce-
+    # scatter), run by the whole trainer over gloo; the export stays fp32 in Cellpose's layout.
+    run = tmp_path / "run"
+    process = torchrun(common(shards, 6) + ["parallel.mixed_precision=bf16"], run)
+    output = finish(process)
+    assert process.returncode == 0, output
+    curve = losses(run)
+    assert sorted(curve) == list(range(1, 7)) and all(math.isfinite(v) for v in curve.values())
+    exported = torch.load(run / "model_cellpose.pt", weights_only=True)
+    assert all(t.dtype == torch.float32 for t in exported.values())
+
+
+def test_a_launch_with_other_settings_into_a_used_run_dir_is_refused(shards, tmp_path):
+    run = tmp_path / "run"
+    process = torchrun(common(shards, 6) + ["checkpoint.every=3"], run)
+    assert process.wait(timeout=600) == 0
+    before = {name: (run / name).read_text() for name in ("metrics.jsonl", "config.json")}
+    process = torchrun(common(shards, 6) + ["checkpoint.every=3", "optim.lr=5.0e-4"], run)
+    output = finish(process)
+    assert process.returncode != 0
+    assert "holds another run" in output and str(run / "checkpoints" / "step_0000006") in output, output
+    assert "optim.lr: 0.001 -> 0.0005" in output and "--resume" in output
+    assert {name: (run / name).read_text() for name in before} == before  # nothing of it was touched
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000003", "step_0000006"]
+
+
+def worker_pid(torchrun_pid: int, rank: int) -> int | None:
+    """The pid of torchrun's worker of ``rank`` (its child with RANK=rank in its environment)."""
+    for child in Path(f"/proc/{torchrun_pid}/task/{torchrun_pid}/children").read_text().split():
+        try:
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    return None
+
+
+def test_a_killed_worker_is_relaunched_and_the_run_ends_as_an_uninterrupted_one(shards, tmp_path):
+    # torchrun --max-restarts relaunches every worker with the same arguments after a failure:
+    # the relaunch must continue the run from its newest checkpoint, not start it again.
+    steps = 12
+    straight = tmp_path / "straight"
+    assert torchrun(common(shards, steps) + ["checkpoint.every=4"], straight).wait(timeout=600) == 0
+
+    run = tmp_path / "restarted"
+    process = torchrun(common(shards, steps) + ["checkpoint.every=4"], run, restarts=1)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (run / "checkpoints" / "step_0000004" / "meta.json").exists():
+        time.sleep(0.1)
+    pid = worker_pid(process.pid, rank=1)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)  # as an out-of-memory kill or a node fault would
+    output = finish(process)
+    assert process.returncode == 0, output
+    assert "resuming at step" in output, output
+    expected, got = losses(straight), losses(run)
+    assert sorted(got) == list(range(1, steps + 1))  # one row per step: no stale rows of the first launch
+    for step in range(1, steps + 1):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, output)

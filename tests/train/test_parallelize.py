@@ -14,7 +14,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 
 from pipeline.model import CPSAM, ModelConfig, to_cellpose
-from train.parallelize import ParallelConfig, parallelize
+from train.parallelize import ParallelConfig, parallelize, uses_bf16
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +99,37 @@ def test_init_weights_on_the_sharded_model(mesh, pos_embed_init):
         # trunc_normal_(std=0.02) (its cut is at +-2 absolute, so in effect a normal draw).
         assert 0.018 < float(full.std()) < 0.022 and abs(float(full.mean())) < 0.002
     assert all(torch.isfinite(p.full_tensor()).all() for p in model.parameters())
+
+
+@pytest.mark.distributed
+def test_the_gpus_bf16_policy_runs_on_gloo(mesh):
+    # The policy a CUDA run applies (mixed_precision "auto" on a cuda mesh), applied on the CPU:
+    # parameters gathered in bf16 for compute, gradients reduced in fp32, fp32 shards kept.
+    assert uses_bf16(ParallelConfig(), "cuda") and not uses_bf16(ParallelConfig(), "cpu")
+    assert uses_bf16(ParallelConfig(mixed_precision="bf16"), "cpu")
+    assert not uses_bf16(ParallelConfig(mixed_precision="fp32"), "cuda")
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    reference = plain_model()
+    expected_out, expected_grads = forward_backward(reference, x)
+    wrapped = parallelize(copy.deepcopy(plain_model()), mesh, ParallelConfig(mixed_precision="bf16"))
+    out, grads = forward_backward(wrapped, x)
+    assert out.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in wrapped.parameters())
+    assert all(g.dtype == torch.float32 for g in grads.values())
+    # bf16 keeps 8 bits of mantissa: the outputs and gradients agree to about 1%.
+    assert float((out.float() - expected_out).norm() / expected_out.norm()) < 0.02
+    # Gradients go through every block's bf16 matmuls: taken together they agree to ~10%, while a
+    # wrong reduction (bf16 sums, a missing shard) would be off by far more.
+    got = torch.cat([grads[name].flatten() for name in sorted(grads)])
+    want = torch.cat([expected_grads[name].flatten() for name in sorted(grads)])
+    assert float((got - want).norm() / want.norm()) < 0.15
+    assert float(torch.nn.functional.cosine_similarity(got, want, dim=0)) > 0.99
+    # A few optimizer steps with the trainer's fused AdamW stay finite and move the weights.
+    optimizer = torch.optim.AdamW(wrapped.parameters(), lr=1e-3, fused=True)
+    before = wrapped.out.weight.full_tensor().clone()
+    for _ in range(3):
+        optimizer.step()
+        optimizer.zero_grad()
+        forward_backward(wrapped, x)
+    after = wrapped.out.weight.full_tensor()
+    assert torch.isfinite(after).all() and not torch.equal(before, after)
