@@ -8,9 +8,11 @@ The model is built as ``train.trainer.Trainer`` builds it, from the trainer's ow
 block and at the root, activation checkpointing, the mixed-precision policy the GPU run would
 use), ``train.optim.build_optimizer`` (fused AdamW). Every tensor is a fake one
 (``FakeTensorMode``: shapes and dtypes, no storage) and the process group is torch's fake one of
-``--world-size`` ranks, so this one process plays rank 0 of the whole job on the CPU in seconds.
+``--world-size`` ranks, so this one process plays rank 0 of the whole job on the CPU (ViT-L: 25-45 s
+of CPU time).
 It then runs two optimizer steps as ``Trainer.train_step`` does, at the config's per-rank batch:
-the device batch at ``data.max_side`` (what the loader delivers), ``train.augment.augment`` on it,
+the largest batch the loader can deliver (``train.data.WindowBatch``: every sample's window
+``data.max_side`` square at the largest dtypes), ``train.augment.augment`` on it,
 the layer-drop masks the trainer draws (``step_random`` + ``layer_drop_masks``), the forward,
 ``flow_and_cellprob_loss``, backward, gradient clipping, the optimizer step. The shards are never
 read and SAM's checkpoint is never loaded (values do not change memory or FLOPs).
@@ -23,9 +25,9 @@ It reports, per rank:
   the backward), all-gather and reduce-scatter buffers. The parts add up to the peak. These are
   tensor bytes: the CUDA context, NCCL's and cuBLAS's workspaces and the caching allocator's
   fragmentation come on top on a GPU (typically 1-3 GiB).
-* FLOPs per image, forward + backward, executed: counted by ``torch.utils.flop_counter`` over the
-  second step, with layer drop at its expected rate (each block's count per sample, weighted by
-  its keep probability). On the CPU, attention runs as
+* FLOPs per image, forward + backward, executed: counted by ``torch.utils.flop_counter`` over a
+  third forward + backward (the model's part only, not augmentation's), with layer drop at its
+  expected rate (each block's count per sample, weighted by its keep probability). On the CPU, attention runs as
   ``aten._scaled_dot_product_flash_attention_for_cpu``, which torch's counter does not know; it is
   given the formula of the other fused attention ops. The fused attention widens each head
   (``pipeline.model.RelPosAttention`` folds the relative-position bias into the query and key), so
@@ -37,7 +39,7 @@ It reports, per rank:
   shuffle buffers, pinned batches, batches being assembled) plus the full fp32 model that rank 0
   builds on the CPU at start-up with SAM's checkpoint loaded beside it. Not counted: the Python
   interpreter with torch and the CUDA libraries in each process and each loader worker (a few GiB
-  per rank; ``benchmarks/gpu_check.py`` measures them on a GPU).
+  per rank).
 
 Exit status 1 when the device peak exceeds ``--device-memory`` or the host peak ``--host-memory``
 (both GiB per rank), naming which. ``--json FILE`` writes the figures. ``parallel.compile`` is
@@ -50,7 +52,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -80,9 +81,9 @@ from torch.utils.flop_counter import (
 import train.augment
 from pipeline.model import ENCODERS, flops_per_image
 from pipeline.weights import build_model
-from train.augment import Augmented, augment
+from train.augment import LAYOUT_COLUMNS, TRANSFORM_COLUMNS, Augmented, augment
 from train.config import TrainConfig, load_config
-from train.data import Batch, loader_host_bytes
+from train.data import WindowBatch, loader_host_bytes
 from train.optim import build_optimizer
 from train.parallelize import parallelize, uses_bf16
 from train.trainer import PEAK_BF16_TFLOPS, flow_and_cellprob_loss, layer_drop_masks, peak_bf16_tflops, step_random
@@ -231,26 +232,30 @@ def parse(argv=None) -> tuple[argparse.Namespace, TrainConfig]:
     return args, cfg
 
 
-def _fake_batch(batch_size: int, side: int) -> Batch:
-    """A device batch as the loader delivers it (``train.data.Batch``'s dtypes), at its largest."""
-    shape = (batch_size, side, side)
-    return Batch(
-        images=torch.zeros((batch_size, 3, side, side), dtype=torch.float16),
-        flows=torch.zeros((batch_size, 2, side, side), dtype=torch.float16),
-        labels=torch.zeros(shape, dtype=torch.int32),
-        ignore=torch.zeros(shape, dtype=torch.bool),
-        valid=torch.ones(shape, dtype=torch.bool),
-        diameters=torch.full((batch_size,), 30.0),
-        datasets=[""] * batch_size,
-        keys=[""] * batch_size,
+def _fake_batch(batch_size: int, side: int) -> WindowBatch:
+    """The largest training batch the loader can deliver: ``train.data.WindowBatch`` with every
+    window ``side`` x ``side`` pixels (a sample's ``data.max_side`` crop, all of which a strong
+    zoom-out reads) of 3-channel uint16 images, uint32 labels, flows and an ignore mask."""
+    pixels = side * side
+    layout = torch.zeros((batch_size, len(LAYOUT_COLUMNS)), dtype=torch.int64)
+    transform = torch.zeros((batch_size, len(TRANSFORM_COLUMNS)))
+    return WindowBatch(
+        image_bytes=torch.zeros(batch_size * pixels * 3 * 2, dtype=torch.uint8),
+        label_bytes=torch.zeros(batch_size * pixels * 4, dtype=torch.uint8),
+        flows=torch.zeros(batch_size * 2 * pixels, dtype=torch.float16),
+        ignore=torch.zeros(batch_size * pixels, dtype=torch.bool),
+        layout=layout, transform=transform, bounds=torch.zeros((batch_size, 3, 2)),
+        diameters=torch.full((batch_size,), 30.0), datasets=[""] * batch_size, keys=[""] * batch_size,
+        image_itemsize=2, label_itemsize=4,
     )
 
 
 def _augmented_stand_in(batch_size: int, side: int) -> Augmented:
     """What ``augment`` returns, for when it cannot run under FakeTensorMode."""
     shape = (batch_size, side, side)
-    return Augmented(images=torch.zeros((batch_size, 3, side, side)), flows=torch.zeros((batch_size, 2, side, side)),
-                     cellprob=torch.zeros(shape), labels=torch.zeros(shape, dtype=torch.int32), weight=torch.ones(shape))
+    return Augmented(images=torch.zeros((batch_size, 3, side, side)),
+                     flows=torch.zeros((batch_size, 2, side, side)), cellprob=torch.zeros(shape),
+                     labels=torch.zeros(shape, dtype=torch.int32), weight=torch.ones(shape))
 
 
 def _block_flops(counts: dict[str, dict], depth: int) -> list[int]:
@@ -321,8 +326,8 @@ def dry_run(cfg: TrainConfig, world_size: int, gpu: str = "H100 SXM") -> dict:
                 return drop
 
             tracker = FSDPMemTracker(model, optimizer)
-            tracker.track_inputs(tuple(getattr(device_batch, name)
-                                       for name in ("images", "flows", "labels", "ignore", "valid", "diameters")))
+            tracker.track_inputs(tuple(value for value in vars(device_batch).values()
+                                       if isinstance(value, torch.Tensor)))
             with tracker:
                 for step in range(STEPS):
                     for micro in range(accumulation):
@@ -339,6 +344,7 @@ def dry_run(cfg: TrainConfig, world_size: int, gpu: str = "H100 SXM") -> dict:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             snapshot = tracker.get_tracker_snapshot("peak")
+            between_steps = tracker.get_tracker_snapshot("current")
             # FLOPs of a third forward + backward, apart: with the counter active inside the
             # tracker, the recomputed activations of checkpointed blocks stayed alive through the
             # backward (10x the temporaries of vit_b with activation checkpointing).
@@ -352,6 +358,9 @@ def dry_run(cfg: TrainConfig, world_size: int, gpu: str = "H100 SXM") -> dict:
     device_snapshot = next(iter(snapshot.values()))
     parts = {name: device_snapshot.get(kind, 0) / GIB for name, kind in DEVICE_PARTS.items()}
     peak = device_snapshot["Total"] / GIB
+    # What stays on the device from one step to the next (the input batch aside).
+    held = next(iter(between_steps.values()))
+    between = {name: held.get(kind, 0) / GIB for name, kind in DEVICE_PARTS.items() if name != "inputs"}
 
     # FLOPs per image at layer drop's expected rate: what ran outside the blocks per image, plus
     # each block's FLOPs per sample that ran it (all blocks cost the same per sample) times the
@@ -389,7 +398,6 @@ def dry_run(cfg: TrainConfig, world_size: int, gpu: str = "H100 SXM") -> dict:
         "loader_in_flight": host["in_flight"] / GIB,
         "loader_shuffle": host["shuffle"] / GIB,
         "loader_pinned": host["pinned"] / GIB,
-        "loader_assembling": (host["total"] - host["in_flight"] - host["shuffle"] - host["pinned"]) / GIB,
         "initial_model": model_bytes / GIB,
         "sam_checkpoint": checkpoint_bytes / GIB,
     }
@@ -411,6 +419,7 @@ def dry_run(cfg: TrainConfig, world_size: int, gpu: str = "H100 SXM") -> dict:
         "augment_counted": augment_error is None,
         "device_peak_gib": peak,
         "device_parts_gib": parts,
+        "device_between_steps_gib": between,
         "flops_per_image": executed,
         "model_flops_per_image": model_flops,
         "augment_flops_per_image": augment_flops,
@@ -444,6 +453,8 @@ def report(figures: dict, device_budget: float, host_budget: float) -> tuple[str
         f"device memory per rank      {_size(figures['device_peak_gib'])} peak  (budget {device_budget:g} GiB)",
     ]
     rows += [f"  {name:<26}{_size(value)}" for name, value in figures["device_parts_gib"].items() if value > 0]
+    rows.append(f"  {'held between steps':<26}{_size(sum(figures['device_between_steps_gib'].values()))} "
+                f"(parameters, optimizer state)")
     rows += [
         "",
         f"FLOPs per image, fwd+bwd    {figures['flops_per_image'] / 1e9:8.1f} GFLOP executed (counted)",
