@@ -64,7 +64,7 @@ import numbers
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -83,6 +83,7 @@ __all__ = [
     "TILE_SIZE",
     "Prediction",
     "PredictConfig",
+    "Skip",
     "default_dtype",
     "estimate_diameter",
     "load_model",
@@ -91,6 +92,7 @@ __all__ = [
     "predict_many",
     "predict_stream",
     "predict_tiles",
+    "scaled_size",
     "taper_weights",
     "tile_grid",
     "tile_starts",
@@ -315,9 +317,30 @@ def taper_weights(tile_size: int = TILE_SIZE) -> np.ndarray:
     return profile[:, np.newaxis] * profile[np.newaxis, :]
 
 
+def scaled_size(height: int, width: int, rescale: float) -> tuple[int, int]:
+    """(H, W) after a diameter rescale: ``int(side * rescale)``, as Cellpose's ``resize_image``.
+
+    >>> scaled_size(300, 200, 30 / 45)
+    (200, 133)
+    """
+    if rescale == 1.0:
+        return height, width
+    return int(height * rescale), int(width * rescale)
+
+
 # ------------------------------------------------------------------------------------------------
-# Running the network
+# Running the network: one image, several, a stream
 # ------------------------------------------------------------------------------------------------
+
+
+class Skip(NamedTuple):
+    """In place of an image in :func:`predict_stream`: an item that needs no network.
+
+    The stream yields ``value`` for it, in its place in the order (e.g. the summary row of a
+    file whose outputs exist).
+    """
+
+    value: Any
 
 
 def predict(
@@ -376,12 +399,13 @@ def predict_many(
 
 def predict_stream(
     model: torch.nn.Module,
-    items: Iterable[tuple[Any, np.ndarray | BaseException]],
+    items: Iterable[tuple[Any, np.ndarray | BaseException | Skip]],
     cfg: PredictConfig = PredictConfig(),
     *,
     pool: bool | None = None,
     overlap: bool | None = None,
     then: Callable[[Any, Prediction], Any] | None = None,
+    on_tiles: Callable[[int, int], None] | None = None,
 ) -> Iterator[tuple[Any, Any]]:
     """:func:`predict_many` for ``(key, image)`` pairs, each failure kept to its own image.
 
@@ -389,60 +413,29 @@ def predict_stream(
     :class:`Prediction`, or ``then(key, prediction)`` when ``then`` is given (it runs where the
     masks do, so that writing files also overlaps the network), or the exception that stopped
     this image. An item whose image is an exception (e.g. the file could not be read) is passed
-    through in its place. A network call that fails is retried image by image, so only the
-    images that fail on their own fail. ``pool`` and ``overlap`` as in :func:`predict_many`.
-    Images are pulled from ``items`` as the tile pool needs them, so at most about
-    ``cfg.batch_size`` images, plus :data:`_MAX_MASKS_AHEAD` waiting for their masks, are held
-    (up to three times that with ``diameter="auto"``, whose runs are chained streams).
+    through in its place, and so is the value of a :class:`Skip`. A network call that fails is
+    retried image by image, so only the images that fail on their own fail. ``pool`` and
+    ``overlap`` as in :func:`predict_many`. ``on_tiles(n_run, n_planned)`` is called after each
+    network call with the tiles run and planned so far (progress for large images).
+
+    The stream is three stages composed in :func:`_stream` (prepare each image, run the tiles
+    in batches, masks and ``then``), each passing on one ``_Work`` record per item; with
+    ``diameter="auto"`` it runs once per scale, each run fed by the one before
+    (:func:`_auto_runs`). Images are pulled from ``items`` as the tile pool needs them, so at
+    most about ``cfg.batch_size`` images, plus :data:`_MAX_MASKS_AHEAD` waiting for their masks,
+    are held (up to three times that with ``diameter="auto"``).
     """
     device, _ = _device_and_dtype(model)
-    pool = device.type == "cuda" if pool is None else pool
-    overlap = device.type == "cuda" if overlap is None else overlap
+    options = _StreamOptions(
+        batch_size=cfg.batch_size,
+        pool=device.type == "cuda" if pool is None else pool,
+        overlap=device.type == "cuda" if overlap is None else overlap,
+        on_tiles=on_tiles,
+    )
     if cfg.diameter == AUTO:
-        yield from _stream_auto(model, items, cfg, pool=pool, overlap=overlap, then=then)
+        yield from _auto_runs(model, items, cfg, options, then)
     else:
-        with_cfg = ((key, image, cfg) for key, image in items)
-        yield from _stream(model, with_cfg, cfg, pool=pool, overlap=overlap, then=then)
-
-
-def _stream_auto(model, items, cfg: PredictConfig, *, pool: bool, overlap: bool, then) -> Iterator[tuple[Any, Any]]:
-    """:func:`predict_stream` with ``diameter="auto"``: a run at scale 1, then at each estimate.
-
-    Chained streams, one per run: each takes the previous run's results and sends every image
-    on at the diameter its masks give, or passes its result through once it is settled (no
-    masks to measure, or a failure).
-    """
-    first = dataclasses.replace(cfg, diameter=None, compute_masks=True)
-    held: dict[int, np.ndarray] = {}  # images still to be run again
-
-    def scale_1() -> Iterator[tuple[Any, Any, PredictConfig]]:
-        for index, (key, image) in enumerate(items):
-            if not isinstance(image, BaseException):
-                held[index] = image
-            yield (index, key), image, first
-
-    def rescaled(results, last: bool) -> Iterator[tuple[Any, Any, PredictConfig]]:
-        # A settled result (a failure, or no masks) comes back from the next stream as it went
-        # in, and is settled again here: measuring nothing again gives no estimate again.
-        for (index, key), result in results:
-            item_key = key if last else (index, key)
-            estimate = None if isinstance(result, BaseException) else estimate_diameter(result.masks)
-            if estimate is not None:
-                image = held.pop(index) if last else held[index]
-                # Runs before the last need masks for the next estimate.
-                options = dataclasses.replace(cfg, diameter=estimate, compute_masks=cfg.compute_masks or not last)
-                yield item_key, image, options
-                continue
-            held.pop(index, None)
-            if last and isinstance(result, Prediction) and not cfg.compute_masks:
-                result = result._replace(masks=None)
-            yield item_key, result, first  # passed through: ``first`` is not used
-
-    results = _stream(model, scale_1(), cfg, pool=pool, overlap=overlap, then=None)
-    for run in range(1, AUTO_ESTIMATES + 1):
-        last = run == AUTO_ESTIMATES
-        results = _stream(model, rescaled(results, last), cfg, pool=pool, overlap=overlap, then=then if last else None)
-    yield from results
+        yield from _stream(model, ((key, image, cfg) for key, image in items), options, then)
 
 
 def estimate_diameter(masks: np.ndarray) -> float | None:
@@ -454,81 +447,6 @@ def estimate_diameter(masks: np.ndarray) -> float | None:
     return None if diameter == 0 else max(diameter, MIN_ESTIMATED_DIAMETER)
 
 
-def _stream(
-    model: torch.nn.Module,
-    items: Iterable[tuple[Any, np.ndarray | Prediction | BaseException, PredictConfig]],
-    cfg: PredictConfig,
-    *,
-    pool: bool,
-    overlap: bool,
-    then: Callable[[Any, Prediction], Any] | None,
-) -> Iterator[tuple[Any, Any]]:
-    """The body of :func:`predict_stream`, with a config per image (``cfg`` gives the batch size).
-
-    An item's image may also be a finished :class:`Prediction` (it only goes through ``then``)
-    or an exception (passed through).
-    """
-    device, _ = _device_and_dtype(model)
-    # Input order: each entry is [key, result]; result None while the image is in the network,
-    # a Future while its masks are followed in the worker.
-    entries: deque[list] = deque()
-
-    def plans() -> Iterator[_Plan]:
-        for key, image, image_cfg in items:
-            entry = [key, None]
-            entries.append(entry)
-            if isinstance(image, BaseException):
-                entry[1] = image
-                continue
-            if isinstance(image, Prediction):
-                entry[1] = deliver(key, image)
-                continue
-            try:
-                plan = _plan(model, _network_input(image, image_cfg, device), image_cfg)
-            except Exception as error:  # noqa: BLE001 -- this image fails, the others go on
-                entry[1] = error
-                continue
-            plan.entry, plan.cfg = entry, image_cfg
-            yield plan
-
-    def deliver(key, prediction: Prediction):
-        try:
-            return prediction if then is None else then(key, prediction)
-        except Exception as error:  # noqa: BLE001 -- reported as this image's result
-            return error
-
-    def finish(key, output: torch.Tensor, image_cfg: PredictConfig):
-        try:
-            prediction = _with_masks(output, image_cfg)
-        except Exception as error:  # noqa: BLE001 -- reported as this image's result
-            return error
-        return deliver(key, prediction)
-
-    def ready(force: bool) -> Iterator[tuple[Any, Any]]:
-        """Yield finished entries from the front; ``force`` waits for the worker's."""
-        while entries and entries[0][1] is not None:
-            result = entries[0][1]
-            if isinstance(result, Future):
-                in_worker = sum(isinstance(entry[1], Future) and not entry[1].done() for entry in entries)
-                if not (force or result.done() or in_worker > _MAX_MASKS_AHEAD):
-                    return
-                result = result.result()
-            key = entries.popleft()[0]
-            yield key, result
-
-    with ThreadPoolExecutor(1, thread_name_prefix="masks") if overlap else nullcontext() as worker:
-        for plan, output in _run_pooled(model, plans(), cfg, pool=pool):
-            key = plan.entry[0]
-            if isinstance(output, BaseException):
-                plan.entry[1] = output
-            elif worker is None:
-                plan.entry[1] = finish(key, output, plan.cfg)
-            else:
-                plan.entry[1] = worker.submit(finish, key, output, plan.cfg)
-            yield from ready(force=False)
-        yield from ready(force=True)
-
-
 def predict_tiles(
     model: torch.nn.Module, image: torch.Tensor, cfg: PredictConfig = PredictConfig()
 ) -> torch.Tensor:
@@ -538,10 +456,12 @@ def predict_tiles(
     channels. Returns (3, H, W) float32 (dy, dx, cellprob) on the model's device. Uses
     ``cfg.diameter``, ``cfg.augment``, ``cfg.tile_overlap`` and ``cfg.batch_size``.
     """
-    ((_, output),) = _run_pooled(model, [_plan(model, image, cfg)], cfg)
-    if isinstance(output, BaseException):
-        raise output
-    return output
+    work = _Work(key=None, cfg=cfg, plan=_plan(model, image, cfg))
+    options = _StreamOptions(batch_size=cfg.batch_size, pool=False, overlap=False)
+    (work,) = _run_tiles(model, [work], options)
+    if work.error is not None:
+        raise work.error
+    return work.output
 
 
 # At most this many images wait for (or are in) the mask worker before the network waits for it:
@@ -549,9 +469,19 @@ def predict_tiles(
 _MAX_MASKS_AHEAD = 2
 
 
+@dataclass(frozen=True)
+class _StreamOptions:
+    """How a stream runs (the same for every image in it)."""
+
+    batch_size: int  # tiles per network call
+    pool: bool  # tiles of consecutive images share network calls
+    overlap: bool  # masks and ``then`` in a worker thread while the network runs on
+    on_tiles: Callable[[int, int], None] | None = None  # progress: (tiles run, tiles planned)
+
+
 @dataclass(eq=False)
 class _Plan:
-    """One image on its way through the network: padded input, tile grid, running blend."""
+    """One image's network input and tile grid, and the running blend of its tile outputs."""
 
     padded: torch.Tensor  # (C, H + pad, W + pad), on the model's device
     grid: list[tuple[int, int, bool, bool]]  # (y0, x0, flip_y, flip_x) per tile
@@ -560,8 +490,198 @@ class _Plan:
     summed: torch.Tensor | None = None  # (3, ...) taper-weighted sum of the tile outputs
     weights: torch.Tensor | None = None  # summed taper
     tiles_left: int = 0
-    entry: list | None = None  # predict_stream's bookkeeping
-    cfg: PredictConfig | None = None  # this image's options (the diameter may be its own)
+
+
+@dataclass(eq=False)
+class _Work:
+    """One item on its way through :func:`_stream`; each stage fills in what it produces.
+
+    It is finished once it has an ``error``, a ``prediction`` or a ``skipped`` value; an item
+    still needing the network has a ``plan`` until its last tile is blended into ``output``.
+    """
+
+    key: Any
+    cfg: PredictConfig | None = None  # options of its network run (None: no run)
+    plan: _Plan | None = None  # while its tiles are in the network
+    output: torch.Tensor | None = None  # (3, H, W) float32 network output, once blended
+    prediction: Prediction | None = None  # given (settled by an earlier "auto" run) or made
+    error: BaseException | None = None  # what stopped it
+    skipped: Skip | None = None  # passed through as its value
+
+
+def _stream(
+    model: torch.nn.Module,
+    items: Iterable[tuple[Any, Any, PredictConfig]],
+    options: _StreamOptions,
+    then: Callable[[Any, Prediction], Any] | None,
+) -> Iterator[tuple[Any, Any]]:
+    """One run over ``(key, image, cfg)`` items: prepare -> network -> masks and ``then``.
+
+    An item's image may also be an exception (passed through as its result), a :class:`Skip`
+    (its value passed through) or a finished :class:`Prediction` (it only goes through
+    ``then``).
+    """
+    device, _ = _device_and_dtype(model)
+    works = (_prepared(model, key, image, cfg, device) for key, image, cfg in items)
+    return _finished(_run_tiles(model, works, options), options, then)
+
+
+def _prepared(model, key, image, cfg: PredictConfig, device: torch.device) -> _Work:
+    """Stage 1, steps 1-5: a work with its plan, or finished (skipped, given, failed)."""
+    if isinstance(image, BaseException):
+        return _Work(key, error=image)
+    if isinstance(image, Skip):
+        return _Work(key, skipped=image)
+    if isinstance(image, Prediction):
+        return _Work(key, prediction=image)
+    try:
+        return _Work(key, cfg=cfg, plan=_plan(model, _network_input(image, cfg, device), cfg))
+    except Exception as error:  # noqa: BLE001 -- this image fails, the others go on
+        return _Work(key, error=error)
+
+
+def _run_tiles(model: torch.nn.Module, works: Iterable[_Work], options: _StreamOptions) -> Iterator[_Work]:
+    """Stage 2, steps 6-7, the batcher: planned tiles -> blended network outputs, in order.
+
+    Runs the tiles of consecutive works ``options.batch_size`` at a time and yields each work,
+    in the order given, once it is finished or its last tile is blended (``work.output``). A
+    network call that fails on tiles of several images is retried image by image, so only
+    the images whose own tiles fail get its exception (their other tiles are then dropped).
+    Works are pulled only while fewer than a batch of tiles waits; without ``options.pool`` a
+    batch never spans two images.
+    """
+    size = _tile_size(model)
+    device, dtype = _device_and_dtype(model)
+    taper = torch.from_numpy(taper_weights(size)).to(device=device, dtype=torch.float32)
+    works = iter(works)
+    in_order: deque[_Work] = deque()  # pulled, not yet yielded
+    tiles: deque[tuple[_Work, int]] = deque()  # (work, tile index) not yet run
+    n_run = n_planned = 0
+    exhausted = False
+    with _eval_mode(model):
+        while True:
+            while not exhausted and len(tiles) < options.batch_size and (options.pool or not tiles):
+                work = next(works, None)
+                if work is None:
+                    exhausted = True
+                    break
+                in_order.append(work)
+                if work.plan is not None:
+                    tiles.extend((work, index) for index in range(len(work.plan.grid)))
+                    n_planned += len(work.plan.grid)
+            if tiles:
+                batch = [tiles.popleft() for _ in range(min(options.batch_size, len(tiles)))]
+                _run_batch_or_each(model, batch, taper, size, dtype)
+                while tiles and tiles[0][0].error is not None:  # a failed image's later tiles
+                    tiles.popleft()
+                n_run += len(batch)
+                if options.on_tiles is not None:
+                    options.on_tiles(n_run, n_planned)
+            while in_order and in_order[0].plan is None:
+                yield in_order.popleft()
+            if exhausted and not tiles and not in_order:
+                return
+
+
+def _run_batch_or_each(model, batch: list[tuple[_Work, int]], taper, size: int, dtype) -> None:
+    """Run a batch; if it fails with several images in it, each image's tiles on their own.
+
+    A work whose tiles fail gets the error and loses its plan; one whose last tile is blended
+    gets its output and loses its plan.
+    """
+    owners = list(dict.fromkeys(work for work, _ in batch))  # in order, once each
+    error = _run_batch(model, batch, taper, size, dtype)
+    if error is not None and len(owners) == 1:
+        owners[0].error = error
+    elif error is not None:
+        # Retry each image's tiles on their own, so that one image (too large, or whatever the
+        # model refuses) does not fail the others it was pooled with.
+        for work in owners:
+            own_error = _run_batch(model, [t for t in batch if t[0] is work], taper, size, dtype)
+            if own_error is not None:
+                work.error = own_error
+    for work in owners:
+        if work.error is not None:
+            work.plan = None
+        elif work.plan.tiles_left == 0:
+            work.output, work.plan = _blended(work.plan), None
+
+
+def _finished(works: Iterable[_Work], options: _StreamOptions, then) -> Iterator[tuple[Any, Any]]:
+    """Stage 3, step 8: ``(key, result)`` per work in order; masks and ``then`` maybe in a thread.
+
+    With ``options.overlap`` a worker follows the flows (and runs ``then``) while the stages
+    before go on; at most :data:`_MAX_MASKS_AHEAD` works wait for it before the network does.
+    """
+    if not options.overlap:
+        for work in works:
+            yield work.key, _result(work, then)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="masks") as worker:
+        waiting: deque[tuple[Any, Future]] = deque()  # in order
+        for work in works:
+            waiting.append((work.key, worker.submit(_result, work, then)))
+            while waiting and (waiting[0][1].done() or len(waiting) > _MAX_MASKS_AHEAD):
+                key, future = waiting.popleft()
+                yield key, future.result()
+        for key, future in waiting:
+            yield key, future.result()
+
+
+def _result(work: _Work, then) -> Any:
+    """What the stream yields for a work: its masks made and ``then`` run; never raises."""
+    if work.error is not None:
+        return work.error
+    if work.skipped is not None:
+        return work.skipped.value
+    try:
+        if work.prediction is None:
+            work.prediction = _with_masks(work.output, work.cfg)
+            work.output = None
+        return work.prediction if then is None else then(work.key, work.prediction)
+    except Exception as error:  # noqa: BLE001 -- reported as this image's result
+        return error
+
+
+def _auto_runs(model, items, cfg: PredictConfig, options: _StreamOptions, then) -> Iterator[tuple[Any, Any]]:
+    """``diameter="auto"``: a run at scale 1, then one at each of :data:`AUTO_ESTIMATES` estimates.
+
+    A loop of single-scale runs (:func:`_stream`), each fed lazily by the one before: an item's
+    key carries its image to the next run, which takes it at the diameter its masks give; an
+    item with no masks to measure (or a failure) is settled and passed on as it is. The runs
+    before the last always compute masks (the next estimate needs them).
+    """
+    first = dataclasses.replace(cfg, diameter=None, compute_masks=True)
+    results = _stream(model, (((key, image), image, first) for key, image in items), options, None)
+    for run in range(1, AUTO_ESTIMATES + 1):
+        last = run == AUTO_ESTIMATES
+        results = _stream(model, _next_run(results, cfg, last), options, then if last else None)
+    return results
+
+
+def _next_run(results, cfg: PredictConfig, last: bool) -> Iterator[tuple[Any, Any, PredictConfig | None]]:
+    """The items of the next ``auto`` run from the results of the one before."""
+    for (key, image), result in results:
+        item_key = key if last else (key, image)
+        estimate = estimate_diameter(result.masks) if isinstance(result, Prediction) else None
+        if estimate is not None:
+            compute_masks = cfg.compute_masks or not last
+            yield item_key, image, dataclasses.replace(cfg, diameter=estimate, compute_masks=compute_masks)
+        elif last and isinstance(result, Prediction) and not cfg.compute_masks:
+            yield item_key, result._replace(masks=None), None
+        else:
+            yield item_key, result, None  # settled: a failure, or a run without masks
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode for the block, its training flag restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _network_input(image, cfg: PredictConfig, device: torch.device) -> torch.Tensor:
@@ -588,91 +708,33 @@ def _plan(model: torch.nn.Module, image: torch.Tensor, cfg: PredictConfig) -> _P
     device, _ = _device_and_dtype(model)
     image = _pad_channels(image.to(device=device, dtype=torch.float32), _input_channels(model))
     height, width = image.shape[-2:]
-    rescale = cfg.rescale
-    if rescale != 1.0:
-        # int(), not round(): Cellpose's resize_image sizes.
-        size = (int(height * rescale), int(width * rescale))
-        if min(size) < 1:
-            raise ValueError(
-                f"diameter {cfg.diameter} shrinks the {height}x{width} image to {size}; pass the "
-                "cell diameter in pixels of this image (or no diameter)"
-            )
+    size = scaled_size(height, width, cfg.rescale)
+    if min(size) < 1:
+        raise ValueError(
+            f"diameter {cfg.diameter} shrinks the {height}x{width} image to {size}; pass the "
+            "cell diameter in pixels of this image (or no diameter)"
+        )
+    if size != (height, width):
         image = _resize(image, size)
     tile = _tile_size(model)
-    rows, cols = image.shape[-2:]
+    rows, cols = size
     (top, bottom), (left, right) = pad_widths(rows, tile), pad_widths(cols, tile)
     padded = F.pad(image, (left, right, top, bottom))
     grid = tile_grid(tuple(padded.shape[-2:]), tile, cfg.tile_overlap, cfg.augment)
     return _Plan(padded, grid, (top, left, rows, cols), (height, width), tiles_left=len(grid))
 
 
-def _run_pooled(
-    model: torch.nn.Module, plans: Iterable[_Plan], cfg: PredictConfig, *, pool: bool = True
-) -> Iterator[tuple[_Plan, torch.Tensor | BaseException]]:
-    """Steps 6-7: run the tiles of consecutive plans ``cfg.batch_size`` at a time and blend.
-
-    Yields each plan, in order, with its (3, H, W) float32 output once its last tile has run, or
-    with the exception of a network call on its tiles (its other tiles are then skipped; a
-    failed call that pooled several images is retried image by image first, so only the
-    images whose own tiles fail are lost). Plans are pulled from ``plans`` only when the pool
-    has fewer than a batch of tiles. Without ``pool`` a batch never spans two plans.
-    """
-    size = _tile_size(model)
-    device, dtype = _device_and_dtype(model)
-    taper = torch.from_numpy(taper_weights(size)).to(device=device, dtype=torch.float32)
-    queue: deque[tuple[_Plan, int]] = deque()  # (plan, tile index) not yet run
-    plans = iter(plans)
-    exhausted = False
-
-    was_training = model.training
-    model.eval()
-    try:
-        while True:
-            while not exhausted and len(queue) < cfg.batch_size and (pool or not queue):
-                plan = next(plans, None)
-                if plan is None:
-                    exhausted = True
-                else:
-                    queue.extend((plan, index) for index in range(len(plan.grid)))
-            if not queue:
-                return
-            batch = [queue.popleft() for _ in range(min(cfg.batch_size, len(queue)))]
-            owners = list(dict.fromkeys(plan for plan, _ in batch))  # in order, once each
-            error = _run_batch(model, batch, taper, size, dtype)
-            failed: dict[_Plan, BaseException] = {}
-            if error is not None and len(owners) == 1:
-                failed[owners[0]] = error
-            elif error is not None:
-                # Retry each image's tiles on their own, so that one image (too large, or
-                # whatever the model refuses) does not fail the others it was pooled with.
-                for plan in owners:
-                    own_error = _run_batch(model, [t for t in batch if t[0] is plan], taper, size, dtype)
-                    if own_error is not None:
-                        failed[plan] = own_error
-            for plan in failed:
-                plan.tiles_left = -1
-            while queue and queue[0][0].tiles_left < 0:  # a failed image's tiles still queued
-                queue.popleft()
-            for plan in owners:
-                if plan in failed:
-                    yield plan, failed[plan]
-                elif plan.tiles_left == 0:
-                    yield plan, _blended(plan)
-    finally:
-        model.train(was_training)
-
-
-def _run_batch(model, batch: list[tuple[_Plan, int]], taper, size: int, dtype) -> BaseException | None:
+def _run_batch(model, batch: list[tuple[_Work, int]], taper, size: int, dtype) -> BaseException | None:
     """Run tiles through the network and blend them in; the exception instead, nothing blended."""
     try:
         with torch.inference_mode():
-            tiles = torch.stack([_cut(plan, index, size) for plan, index in batch])
+            tiles = torch.stack([_cut(work.plan, index, size) for work, index in batch])
             outputs = _checked_output(model(tiles.to(dtype)), len(batch), size).float()
     except Exception as error:  # noqa: BLE001 -- the caller decides whose images fail
         return error
     with torch.inference_mode():
-        for (plan, index), tile_output in zip(batch, outputs):
-            _blend(plan, index, tile_output, taper, size)
+        for (work, index), tile_output in zip(batch, outputs):
+            _blend(work.plan, index, tile_output, taper, size)
     return None
 
 
