@@ -73,7 +73,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from infer.dynamics import flows_to_masks
+import scipy.ndimage
+
+from infer.dynamics import clean_masks, flows_to_masks
 from pipeline.io import normalize_percentile
 from pipeline.model import DIAMETER_MEAN, ModelConfig, from_cellpose, set_bias_as_mask
 from pipeline.shards import cellpose_diameter
@@ -92,6 +94,9 @@ __all__ = [
     "predict_many",
     "predict_stream",
     "predict_tiles",
+    "predict_volume",
+    "stitch_planes",
+    "remove_edge_masks",
     "scaled_size",
     "taper_weights",
     "tile_grid",
@@ -147,6 +152,8 @@ class PredictConfig:
     """Tiles run through the network at once."""
     normalize: bool = True
     """Scale each channel so its 1st percentile is 0 and its 99th is 1 before the network."""
+    norm_percentile: tuple[float, float] = (1.0, 99.0)
+    """The percentiles normalisation maps to 0 and 1 (Cellpose's norm_percentile)."""
     compute_masks: bool = True
     """Follow the flows to instance masks; False returns flows and cellprob only."""
     niter: int | None = None
@@ -159,6 +166,16 @@ class PredictConfig:
     """Masks with fewer pixels are dropped; 0 keeps all."""
     max_size_fraction: float = 0.4
     """Masks larger than this fraction of the image are dropped."""
+    exclude_on_edges: bool = False
+    """Drop masks that touch the image's border, then renumber (Cellpose's --exclude_on_edges)."""
+    do_3d: bool = False
+    """Segment a stack as one 3-D volume: the network on its YX, ZY and ZX planes, flows summed."""
+    anisotropy: float | None = None
+    """With do_3d: Z is rescaled by this first (2.0 when Z is sampled half as densely as X and Y)."""
+    flow3d_smooth: float = 0.0
+    """With do_3d: the standard deviation of a Gaussian smoothing the 3-D flows; 0: none."""
+    stitch_threshold: float = 0.0
+    """Segment a stack plane by plane and link masks of neighbouring planes with IoU above this; 0: off."""
 
     def __post_init__(self) -> None:
         if self.diameter not in (None, AUTO) and not (
@@ -180,7 +197,16 @@ class PredictConfig:
             raise ValueError(
                 f"niter must be an integer >= 1, or None for 200 / rescale; got {self.niter!r}"
             )
-        for name in ("augment", "normalize", "compute_masks"):
+        bounds = self.norm_percentile
+        if not (
+            isinstance(bounds, tuple) and len(bounds) == 2 and all(map(_is_real, bounds))
+            and 0 <= bounds[0] < bounds[1] <= 100
+        ):
+            raise ValueError(
+                f"norm_percentile must be (low, high) with 0 <= low < high <= 100; got "
+                f"{self.norm_percentile!r}"
+            )
+        for name in ("augment", "normalize", "compute_masks", "exclude_on_edges"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False; got {getattr(self, name)!r}")
         # flows_to_masks checks the mask options again; checking here fails before any compute.
@@ -195,6 +221,29 @@ class PredictConfig:
             )
         if self.max_size_fraction <= 0:
             raise ValueError(f"max_size_fraction must be > 0; got {self.max_size_fraction}")
+        if not isinstance(self.do_3d, bool):
+            raise TypeError(f"do_3d must be True or False; got {self.do_3d!r}")
+        if self.anisotropy is not None and not (_is_real(self.anisotropy) and self.anisotropy > 0):
+            raise ValueError(f"anisotropy must be > 0 (or None for 1); got {self.anisotropy!r}")
+        for name in ("flow3d_smooth", "stitch_threshold"):
+            value = getattr(self, name)
+            if not (_is_real(value) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0 (0: off); got {value!r}")
+        if self.do_3d and self.stitch_threshold > 0:
+            raise ValueError(
+                "do_3d and stitch_threshold are two ways to segment a volume; pick one "
+                "(stitch_threshold=0 for the 3-D flows, do_3d=False to stitch 2-D masks)"
+            )
+        if self.volume and self.diameter == AUTO:
+            raise ValueError(
+                "diameter='auto' is for 2-D images; give a volume's cell diameter in pixels "
+                "(or none)"
+            )
+
+    @property
+    def volume(self) -> bool:
+        """Whether an image is a volume segmented in 3-D (do_3d or stitch_threshold > 0)."""
+        return self.do_3d or self.stitch_threshold > 0
 
     @property
     def rescale(self) -> float:
@@ -218,14 +267,14 @@ def _is_int(value) -> bool:
 
 
 class Prediction(NamedTuple):
-    """What :func:`predict` returns for one image of size (H, W)."""
+    """What :func:`predict` returns for one image of size (H, W) or a volume (Z, Y, X)."""
 
     masks: np.ndarray | None
-    """(H, W) uint16 (uint32 past 65,535 masks), 0 = background; None if compute_masks=False."""
+    """(H, W) or (Z, Y, X) uint16 (uint32 past 65,535 masks), 0 = background; None if compute_masks=False."""
     flows: np.ndarray
-    """(2, H, W) float32 dP = (dy, dx), 5 x unit flows as the network outputs them."""
+    """(2, H, W) float32 dP = (dy, dx), 5 x unit flows as the network outputs them; (3, Z, Y, X) (dz, dy, dx) with do_3d, (2, Z, Y, X) per plane with stitch_threshold."""
     cellprob: np.ndarray
-    """(H, W) float32 cell-probability logits."""
+    """(H, W) or (Z, Y, X) float32 cell-probability logits (the sum of three with do_3d)."""
     diameter: float | None = None
     """The diameter the image was rescaled by (given, or estimated with ``"auto"``); None: none."""
 
@@ -366,8 +415,50 @@ def predict(
     Prediction
         ``masks`` (H, W) uint16/uint32 or None, ``flows`` (2, H, W) float32, ``cellprob``
         (H, W) float32.
+
+    With ``cfg.do_3d`` or ``cfg.stitch_threshold`` the image is a volume (Z, Y, X) or
+    (Z, Y, X, C): see :func:`predict_volume`.
     """
+    if cfg.volume:
+        return predict_volume(model, image, cfg)
     return next(predict_many(model, [image], cfg, pool=False, overlap=False))
+
+
+def predict_volume(
+    model: torch.nn.Module, volume: np.ndarray, cfg: PredictConfig = PredictConfig(do_3d=True)
+) -> Prediction:
+    """Masks of a (Z, Y, X) or (Z, Y, X, C) volume, as Cellpose 4's ``eval(do_3D=True)``.
+
+    The volume is normalised as a whole (Cellpose's ``norm3D``). With ``cfg.do_3d``: Z is
+    rescaled by ``anisotropy`` and the volume by 30 / diameter (trilinear, as Cellpose's
+    separable ``resize_image_3d``); the network runs on every YX, ZY and ZX plane (the tiles of
+    the planes of one orientation batched together); the matching flow components and the three
+    cellprob maps are summed (``core.run_3D``) and resized back; ``flow3d_smooth`` smooths the
+    flows; :func:`infer.dynamics.flows_to_masks` follows the (3, Z, Y, X) flows (no flow-error
+    check in 3-D). With ``cfg.stitch_threshold``: 2-D masks per plane (no size filter), linked
+    across planes by IoU (:func:`stitch_planes`), then holes filled and small masks dropped in
+    3-D (Cellpose's ``stitch3D`` and ``fill_holes_and_remove_small_masks``).
+    """
+    if not cfg.volume:
+        raise ValueError("predict_volume needs cfg.do_3d=True or cfg.stitch_threshold > 0")
+    volume = _checked_volume(volume)
+    if cfg.normalize:
+        depth, height, width, n_channels = volume.shape
+        flat = volume.reshape(depth * height, width, n_channels)  # percentiles of the whole volume
+        volume = normalize_percentile(flat, *cfg.norm_percentile).reshape(volume.shape)
+    device, _ = _device_and_dtype(model)
+    image = _network_input(volume.reshape(-1, *volume.shape[2:]), _RAW, device)
+    image = image.reshape(image.shape[0], *volume.shape[:3])  # (C, Z, Y, X)
+    if cfg.stitch_threshold > 0:
+        return _stitched_volume(model, image, cfg)
+    flows, cellprob = _flows_3d(model, image, cfg)
+    if cfg.flow3d_smooth > 0:
+        flows = scipy.ndimage.gaussian_filter(flows, [0] + [cfg.flow3d_smooth] * 3)
+    masks = None
+    if cfg.compute_masks:
+        masks = _masks(flows, cellprob, cfg)
+    diameter = None if cfg.diameter is None else float(cfg.diameter)
+    return Prediction(masks=masks, flows=flows, cellprob=cellprob, diameter=diameter)
 
 
 def predict_many(
@@ -432,10 +523,24 @@ def predict_stream(
         overlap=device.type == "cuda" if overlap is None else overlap,
         on_tiles=on_tiles,
     )
-    if cfg.diameter == AUTO:
+    if cfg.volume:
+        yield from _volumes(model, items, cfg, then)
+    elif cfg.diameter == AUTO:
         yield from _auto_runs(model, items, cfg, options, then)
     else:
         yield from _stream(model, ((key, image, cfg) for key, image in items), options, then)
+
+
+def _volumes(model, items, cfg: PredictConfig, then) -> Iterator[tuple[Any, Any]]:
+    """:func:`predict_stream` over volumes: each one on its own (its planes batch together)."""
+    for key, volume in items:
+        work = _prepared(model, key, volume, cfg, None, plan=False)
+        if work.error is None and work.skipped is None:
+            try:
+                work.prediction = predict_volume(model, volume, cfg)
+            except Exception as error:  # noqa: BLE001 -- this volume fails, the others go on
+                work.error = error
+        yield key, _result(work, then)
 
 
 def estimate_diameter(masks: np.ndarray) -> float | None:
@@ -526,7 +631,7 @@ def _stream(
     return _finished(_run_tiles(model, works, options), options, then)
 
 
-def _prepared(model, key, image, cfg: PredictConfig, device: torch.device) -> _Work:
+def _prepared(model, key, image, cfg: PredictConfig, device: torch.device | None, plan: bool = True) -> _Work:
     """Stage 1, steps 1-5: a work with its plan, or finished (skipped, given, failed)."""
     if isinstance(image, BaseException):
         return _Work(key, error=image)
@@ -534,6 +639,8 @@ def _prepared(model, key, image, cfg: PredictConfig, device: torch.device) -> _W
         return _Work(key, skipped=image)
     if isinstance(image, Prediction):
         return _Work(key, prediction=image)
+    if not plan:
+        return _Work(key, cfg=cfg)
     try:
         return _Work(key, cfg=cfg, plan=_plan(model, _network_input(image, cfg, device), cfg))
     except Exception as error:  # noqa: BLE001 -- this image fails, the others go on
@@ -688,7 +795,7 @@ def _network_input(image, cfg: PredictConfig, device: torch.device) -> torch.Ten
     """Steps 1-2: a checked, normalised (C, H, W) float32 tensor on ``device``."""
     image = _checked_image(image)
     if cfg.normalize:
-        image = normalize_percentile(image)
+        image = normalize_percentile(image, *cfg.norm_percentile)
     image = np.ascontiguousarray(image, dtype=np.float32)
     n_bad = image.size - np.count_nonzero(np.isfinite(image))
     if n_bad:
@@ -770,19 +877,152 @@ def _with_masks(output: torch.Tensor, cfg: PredictConfig) -> Prediction:
     """Step 8 on a (3, H, W) network output."""
     flows = output[:2].cpu().numpy()
     cellprob = output[2].cpu().numpy()
-    masks = None
-    if cfg.compute_masks:
-        masks = flows_to_masks(
-            flows,
-            cellprob,
-            niter=cfg.niter_masks,
-            cellprob_threshold=cfg.cellprob_threshold,
-            flow_threshold=cfg.flow_threshold,
-            min_size=cfg.min_size,
-            max_size_fraction=cfg.max_size_fraction,
-        )
+    masks = _masks(flows, cellprob, cfg) if cfg.compute_masks else None
     diameter = None if cfg.diameter is None else float(cfg.diameter)
     return Prediction(masks=masks, flows=flows, cellprob=cellprob, diameter=diameter)
+
+
+def _masks(flows: np.ndarray, cellprob: np.ndarray, cfg: PredictConfig, min_size: int | None = None) -> np.ndarray:
+    """Masks of (2, Y, X) or (3, Z, Y, X) flows with the options of ``cfg``."""
+    masks = flows_to_masks(
+        flows,
+        cellprob,
+        niter=cfg.niter_masks,
+        cellprob_threshold=cfg.cellprob_threshold,
+        flow_threshold=cfg.flow_threshold,
+        min_size=cfg.min_size if min_size is None else min_size,
+        max_size_fraction=cfg.max_size_fraction,
+    )
+    return remove_edge_masks(masks) if cfg.exclude_on_edges else masks
+
+
+# Planes of a volume go through the 2-D path as they are: normalised and rescaled as a volume.
+_RAW = PredictConfig(normalize=False)
+# The planes of a (C, Z, Y, X) volume along Z, Y and X: (axis of the plane stack, the volume
+# axes the network's dy and dx are along), as Cellpose's core.run_3D (YX, ZY, ZX).
+_ORIENTATIONS = ((1, (1, 2)), (2, (0, 2)), (3, (0, 1)))
+
+
+def _flows_3d(model, image: torch.Tensor, cfg: PredictConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(3, Z, Y, X) summed flows and (Z, Y, X) summed cellprob of a (C, Z, Y, X) volume."""
+    depth, height, width = image.shape[1:]
+    anisotropy = 1.0 if cfg.anisotropy is None else float(cfg.anisotropy)
+    size = (int(depth * anisotropy * cfg.rescale), *scaled_size(height, width, cfg.rescale))
+    if min(size) < 1:
+        raise ValueError(
+            f"diameter {cfg.diameter} and anisotropy {cfg.anisotropy} shrink the {depth}x{height}x"
+            f"{width} volume to {size}; pass the cell diameter in pixels of this volume"
+        )
+    if size != (depth, height, width):
+        image = F.interpolate(image[None], size=size, mode="trilinear", align_corners=False)[0]
+    summed = torch.zeros((4, *size), dtype=torch.float32, device=image.device)
+    plane_cfg = dataclasses.replace(cfg, diameter=None, do_3d=False, normalize=False)
+    for axis, (along_y, along_x) in _ORIENTATIONS:
+        planes = image.movedim(axis, 1)  # (C, n, a, b): n planes of a x b
+        outputs = _run_planes(model, planes, plane_cfg).movedim(0, 1).movedim(1, axis)
+        summed[along_y] += outputs[0]
+        summed[along_x] += outputs[1]
+        summed[3] += outputs[2]
+    if size != (depth, height, width):
+        summed = F.interpolate(summed[None], size=(depth, height, width), mode="trilinear", align_corners=False)[0]
+    summed = summed.cpu().numpy()
+    return summed[:3], summed[3]
+
+
+def _run_planes(model, planes: torch.Tensor, cfg: PredictConfig) -> torch.Tensor:
+    """(n, 3, a, b) network outputs of the n planes of (C, n, a, b), their tiles batched together."""
+    works = (_Work(key=i, cfg=cfg, plan=_plan(model, planes[:, i], cfg)) for i in range(planes.shape[1]))
+    options = _StreamOptions(batch_size=cfg.batch_size, pool=True, overlap=False)
+    outputs = []
+    for work in _run_tiles(model, works, options):
+        if work.error is not None:
+            raise work.error
+        outputs.append(work.output)
+    return torch.stack(outputs)
+
+
+def _stitched_volume(model, image: torch.Tensor, cfg: PredictConfig) -> Prediction:
+    """2-D masks per plane of a (C, Z, Y, X) volume, stitched across planes by IoU."""
+    plane_cfg = dataclasses.replace(cfg, stitch_threshold=0.0, normalize=False)
+    flows, cellprobs, masks, diameters = [], [], [], []
+    planes = (image[:, z].permute(1, 2, 0).cpu().numpy() for z in range(image.shape[1]))
+    options = dict(pool=True, overlap=False)
+    for prediction in predict_many(model, planes, dataclasses.replace(plane_cfg, compute_masks=False), **options):
+        flows.append(prediction.flows)
+        cellprobs.append(prediction.cellprob)
+        if cfg.compute_masks:  # Cellpose's min_size is applied after stitching, in 3-D
+            masks.append(_masks(prediction.flows, prediction.cellprob, plane_cfg, min_size=0))
+    stitched = None
+    if cfg.compute_masks:
+        stitched = clean_masks(stitch_planes(np.stack(masks), cfg.stitch_threshold), cfg.min_size)
+    diameter = None if cfg.diameter is None else float(cfg.diameter)
+    return Prediction(masks=stitched, flows=np.stack(flows, axis=1), cellprob=np.stack(cellprobs), diameter=diameter)
+
+
+def stitch_planes(masks: np.ndarray, threshold: float) -> np.ndarray:
+    """Link the 2-D masks of consecutive planes of (Z, Y, X) labels by IoU (Cellpose's ``stitch3D``).
+
+    Plane by plane from the top: a mask of plane z + 1 takes the label of the mask of plane z
+    (already linked) with which its IoU is highest, if that IoU is at least ``threshold`` and
+    that mask has no better match in plane z + 1; otherwise it gets a new label. Returns
+    uint16 labels, uint32 once they pass 65,535.
+    """
+    masks = np.asarray(masks)
+    stitched = np.zeros(masks.shape, dtype=np.uint32)
+    stitched[0] = masks[0]
+    next_label = int(masks[0].max(initial=0)) + 1
+    for z in range(1, masks.shape[0]):
+        below, above = masks[z], stitched[z - 1]
+        n_below, n_above = int(below.max(initial=0)), int(above.max(initial=0))
+        if n_below == 0:
+            continue
+        new_ids = np.zeros(n_below + 1, dtype=np.uint32)
+        if n_above > 0:
+            iou = _iou_matrix(below, above, n_below, n_above)[1:, 1:]
+            iou[iou < threshold] = 0.0
+            iou[iou < iou.max(axis=0)] = 0.0  # each mask above keeps only its best match
+            new_ids[1:] = iou.argmax(axis=1) + 1
+            unmatched = np.nonzero(iou.max(axis=1) == 0.0)[0]
+        else:
+            unmatched = np.arange(n_below)
+        new_ids[unmatched + 1] = np.arange(next_label, next_label + unmatched.size)
+        next_label += unmatched.size
+        stitched[z] = new_ids[below]
+    return stitched.astype(np.uint16) if next_label <= 2**16 else stitched
+
+
+def _iou_matrix(a: np.ndarray, b: np.ndarray, n_a: int, n_b: int) -> np.ndarray:
+    """(n_a + 1, n_b + 1) IoU of every pair of labels of two label images (0 included)."""
+    overlap = np.bincount(
+        a.ravel().astype(np.int64) * (n_b + 1) + b.ravel(), minlength=(n_a + 1) * (n_b + 1)
+    ).reshape(n_a + 1, n_b + 1)
+    union = overlap.sum(axis=1, keepdims=True) + overlap.sum(axis=0, keepdims=True) - overlap
+    return overlap / np.maximum(union, 1)
+
+
+def remove_edge_masks(masks: np.ndarray) -> np.ndarray:
+    """``masks`` without the masks that touch the border, renumbered 1..N in label order.
+
+    ``masks``: (Y, X) or (Z, Y, X) unsigned labels, 0 = background.
+
+    Cellpose's ``utils.remove_edge_masks`` (its CLI's ``--exclude_on_edges``); the dtype is kept.
+
+    >>> remove_edge_masks(np.array([[1, 0, 0], [0, 2, 0], [0, 0, 0]], np.uint16)).tolist()
+    [[0, 0, 0], [0, 1, 0], [0, 0, 0]]
+    """
+    edge = np.zeros(masks.shape, dtype=bool)
+    for axis in range(masks.ndim):
+        index = [slice(None)] * masks.ndim
+        for end in (0, -1):
+            index[axis] = end
+            edge[tuple(index)] = True
+    n_labels = int(masks.max(initial=0))
+    keep = np.bincount(masks.ravel(), minlength=n_labels + 1) > 0  # present labels
+    keep[np.unique(masks[edge])] = False
+    keep[0] = False
+    new_ids = np.zeros(n_labels + 1, dtype=masks.dtype)
+    new_ids[keep] = np.arange(1, int(keep.sum()) + 1)
+    return new_ids[masks]
 
 
 def _flip(tile: torch.Tensor, flip_y: bool, flip_x: bool) -> torch.Tensor:
@@ -842,6 +1082,21 @@ def _checked_output(output, n_tiles: int, tile_size: int = TILE_SIZE) -> torch.T
             f"the model must return a tensor {expected} = (dy, dx, cellprob) per tile; got {got}"
         )
     return output
+
+
+def _checked_volume(volume) -> np.ndarray:
+    """(Z, Y, X) or (Z, Y, X, C <= 3) numeric array -> (Z, Y, X, C)."""
+    if not isinstance(volume, np.ndarray) or volume.dtype.kind not in "biuf":
+        what = volume.dtype if isinstance(volume, np.ndarray) else type(volume).__name__
+        raise TypeError(f"volume must be a bool, integer or float numpy array; got {what}")
+    if volume.ndim == 3:
+        volume = volume[..., np.newaxis]
+    if volume.ndim != 4 or not 1 <= volume.shape[3] <= 3 or 0 in volume.shape:
+        raise ValueError(
+            f"a volume must be (Z, Y, X) or (Z, Y, X, C) with 1 <= C <= 3; got shape {volume.shape}. "
+            "Read stacks with pipeline.io.read_stack, which returns this layout."
+        )
+    return volume
 
 
 def _checked_image(image) -> np.ndarray:
