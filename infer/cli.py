@@ -1,11 +1,14 @@
 """``python -m infer INPUT... --checkpoint FILE --out DIR``: segment images in files and folders.
 
 Inputs are image files (TIFF, PNG, JPEG, BMP, NPY; see ``pipeline.io.read_image``) and folders,
-searched recursively for files matching ``--glob`` (default ``*``) with one of those suffixes.
-A folder search leaves out names starting with ``.``, files whose name (before the suffix) ends
-in ``_masks``, ``_labels``, ``_flows``, ``_cellprob``, ``_outlines`` or ``_seg`` (labels and
-outputs, ours or Cellpose's, not images), and, when ``--out`` lies inside the folder, everything
-under ``--out``. Files named on the command line are always taken.
+searched for files matching ``--glob`` (default ``*``) with one of those suffixes: at every depth
+by default, only the folder itself with ``--no-recursive`` (Cellpose's default), one level of
+subfolders with ``--look-one-level-down``. A folder search leaves out names starting with ``.``,
+files whose name (before the suffix) ends in ``_masks`` (so ``_cp_masks``), ``_labels``,
+``_flows``, ``_cellprob``, ``_outlines``, ``_rois`` or ``_seg`` (labels and outputs, ours or
+Cellpose's, not images), and, when ``--out`` lies inside the folder, everything under ``--out``.
+Files named on the command line are always taken; one named like an output fails with that
+reason.
 
 Outputs (``infer/outputs.py``) mirror the inputs' folders under ``--out``: each input's path
 relative to the deepest folder holding all inputs (a folder input counts as itself, a file
@@ -13,15 +16,27 @@ input as its folder) names its outputs, so ``a/x.tif`` and ``b/x.tif`` give ``ou
 and ``out/b/x_masks.tif``. Two inputs that would still write the same files (``x.tif`` and
 ``x.png`` side by side) both fail with a message saying so. Nothing is written outside ``--out``.
 
-An image whose ``_masks.tif`` (and any other output asked for) exists is skipped unless
-``--overwrite``. A file that cannot be read or predicted gets one ``ERROR <file>: <reason>``
-line and the others go on; the exit status is 1 if any file failed, 2 for bad arguments (a
-missing checkpoint or input is reported before any file is processed), else 0.
-``<out>/summary.csv`` gets one row per input, in the order of the files: file (absolute path),
-size (HxW), n_cells, diameter (the one the image was rescaled by, given or estimated with
-``--diameter auto``; empty without a rescale), seconds (from the start of reading the file to
-its last output written; images overlap, so these add up to more than the run), status (ok,
-skipped, failed) and error.
+Stacks (``pipeline.io.read_stack``: a Z or T axis, or more than 4 pages) are segmented plane by
+plane into one label stack of the same shape (``--plane N``: only plane N, 2-D outputs), or as
+volumes with ``--do-3d`` / ``--stitch-threshold`` (``infer.predict.predict_volume``).
+
+Reruns: the settings that produce the outputs (checkpoint, precision, channels, every
+prediction option but the batch size) are kept as JSON in each masks file and in summary.csv.
+An image whose masks (and the other outputs asked for) exist with the same settings is skipped
+unless ``--overwrite``; one made with other settings is redone, with an info line naming what
+changed. A file that cannot be read or predicted gets one ``ERROR <file>: <reason>`` line (a
+read error as soon as the read fails) and the others go on; the exit status is 1 if any file
+failed, 2 for bad arguments (a missing checkpoint or input, an ``--out`` that is a file, an
+input, or not writable: all reported before the model loads), else 0. The last line gives the
+total time and the done / skipped / failed counts. ``<out>/summary.csv`` gets one row per input
+appended to those of earlier runs (an older layout is rewritten with the new columns empty), in
+the order of the files: file (absolute path), size (HxW, or NxHxW for a stack), n_cells,
+diameter (the one the image was rescaled by, given or estimated with ``--diameter auto``; empty
+without a rescale), seconds (from the start of reading the file to its last output written;
+images overlap, so these add up to more than the run), status (ok, skipped, failed), error,
+run_started (UTC) and settings.
+
+Cellpose's flag names are accepted too (:data:`CELLPOSE_FLAGS`, listed in ``--help``).
 
 Files are read a few ahead by a thread, and on a GPU the tiles of consecutive images share
 network batches (``--batch-size`` tiles per call, whichever images they come from) and the masks
@@ -32,7 +47,7 @@ only the image that fails on its own is reported failed.
 Under ``torchrun`` (WORLD_SIZE > 1) every rank takes a disjoint, deterministic share of the files
 (largest first, each to the rank with the fewest bytes so far; ties to the lower rank), on
 ``cuda:LOCAL_RANK`` when there is a GPU. Each rank writes ``summary_rank<k>.csv`` as it goes;
-after a barrier rank 0 merges them into ``summary.csv`` (sorted by file) and deletes them. A run
+after a barrier rank 0 appends them to ``summary.csv`` (sorted by file) and deletes them. A run
 cut short therefore leaves per-rank summaries, and a rerun skips what is done.
 
 Options are the fields of :class:`InferConfig` and of ``infer.predict.PredictConfig`` (except
@@ -219,13 +234,13 @@ def _from_cellpose_flags(args: dict) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    epilog = "Cellpose's flags are taken too: " + "; ".join(
-        f"{flag} = {ours}" for flag, ours in CELLPOSE_FLAGS.items() if flag != ours
-    ) + ". --diameter 0 is auto and --niter 0 the automatic 200 / rescale."
+    epilog = "Cellpose's flags are taken too (--diameter 0 is auto, --niter 0 automatic):\n" + "\n".join(
+        f"  {flag:24} {ours}" for flag, ours in CELLPOSE_FLAGS.items() if flag != ours
+    )
     parser = argparse.ArgumentParser(
         prog="python -m infer",
         description="Segment images with a CP-SAM model: masks, optional flows, outlines and ROIs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         epilog=epilog,
     )
     docs = {**_field_docs(InferConfig), **_field_docs(PredictConfig)}
@@ -238,6 +253,10 @@ def _parser() -> argparse.ArgumentParser:
                 _add_option(parser, name, hints[name], defaults[name], docs[name])
     _add_cellpose_flags(parser, hints)
     return parser
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help; the epilog's table of Cellpose's flags kept as written."""
 
 
 def _add_cellpose_flags(parser: argparse.ArgumentParser, hints: dict) -> None:
@@ -700,7 +719,8 @@ def _write(item: _Item, prediction: Prediction, run: _Run) -> FileResult:
         file=str(item.job.path),
         status="ok",
         size="x".join(map(str, masks.shape)),
-        n_cells=_count_cells(masks),
+        # Planes segmented one by one are numbered on their own: their masks add up.
+        n_cells=sum(map(_count_cells, masks)) if stack and not cfg.predict.volume else _count_cells(masks),
         diameter="" if prediction.diameter is None else f"{prediction.diameter:.2f}",
         run_started=run.run_started,
         settings=_settings_text(run.settings),

@@ -10,7 +10,7 @@ inputs), under ``--out``:
   Image > Show Info in Fiji; ``pipeline.io.read_labels_info``). Written last, so its presence
   means the image is done.
 * ``<rel>/<stem>_flows.npy``: (2, H, W) float32 dP = (dy, dx), 5 x unit flows (``--save-flows``);
-  (N, 2, H, W) for a stack of N planes.
+  (2, N, H, W) for a stack of N planes (Cellpose's dP), (3, Z, Y, X) (dz, dy, dx) with ``--do-3d``.
 * ``<rel>/<stem>_cellprob.npy``: (H, W) float32 logits (``--save-flows``); (N, H, W) for a stack.
 * ``<rel>/<stem>_masks.png``: the masks as a 16-bit grayscale PNG (``--save-png``, Cellpose's
   ``--save_png``; 2-D images with at most 65,535 masks).

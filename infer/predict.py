@@ -52,6 +52,18 @@ Where this differs from Cellpose:
 * On a GPU the tiles of consecutive images are pooled into the same batches, and the masks of
   one image are followed while the network runs on the next (:func:`predict_many`,
   :func:`predict_stream`); Cellpose runs each image on its own, as this module does on a CPU.
+
+**The stream** (:func:`predict_stream`, which :func:`predict` and :func:`predict_many` use) is
+three stages composed in :func:`_stream`, each passing on one ``_Work`` record per image:
+``_prepared`` (steps 1-5: checked, normalised, rescaled, padded, its tile grid planned; or
+finished: failed, skipped, given), ``_run_tiles`` (the one batcher: tiles of consecutive images
+``batch_size`` at a time, blended into each image's output, images yielded in order) and
+``_finished`` (step 8 and the caller's ``then``, maybe in a worker thread). The tiling maths
+(:func:`pad_widths`, :func:`tile_starts`, :func:`tile_grid`, :func:`taper_weights`,
+:func:`scaled_size`) are pure functions. ``diameter="auto"`` is a loop of single-scale runs.
+
+**Volumes** (:func:`predict_volume`, ``do_3d`` or ``stitch_threshold``) follow Cellpose 4's
+``eval(do_3D=True)``: the planes of each orientation go through the same batcher.
 """
 
 from __future__ import annotations

@@ -509,7 +509,7 @@ def test_cellpose_flag_names_parse_as_ours(monkeypatch):
               "--niter", "0", "--batch-size", "4", "--no-normalize", "--norm-percentile", "2", "98",
               "--exclude-on-edges", "--save-png", "--save-flows", "--save-outlines", "--save-rois"])
     assert seen["cfg"] == cfg
-    assert "--flow_threshold = --flow-threshold" in " ".join(_parser().format_help().split())
+    assert "--flow_threshold = --flow-threshold" in " = ".join(_parser().format_help().split())
 
 
 def test_cellpose_flags_that_disagree_or_are_missing_are_usage_errors(capsys):
@@ -617,14 +617,14 @@ def test_stacks_are_segmented_plane_by_plane_into_a_label_stack(tmp_path, checkp
         masks = tif.asarray()
     np.testing.assert_array_equal(masks, np.stack([e.masks for e in expected]))
     flows = np.load(tmp_path / "out" / "s_flows.npy")
-    assert flows.shape == (3, 2, 70, 90)
-    np.testing.assert_allclose(flows[1], expected[1].flows, atol=1e-5)
+    assert flows.shape == (2, 3, 70, 90)  # (dy, dx) per plane, as Cellpose's dP
+    np.testing.assert_allclose(flows[:, 1], expected[1].flows, atol=1e-5)
     with open(tmp_path / "out" / "summary.csv", newline="") as fh:
         (row,) = list(csv.DictReader(fh))
     assert row["size"] == "3x70x90" and int(row["n_cells"]) == sum(len(np.unique(e.masks)) - 1 for e in expected)
     assert cli.main(args) == 0  # done: skipped
     # --plane picks one plane: 2-D masks, into another folder.
-    assert cli.main([*args[:3], str(tmp_path / "one"), *args[4:], "--plane", "2"]) == 0
+    assert cli.main([*args[:4], str(tmp_path / "one"), *args[5:], "--plane", "2"]) == 0
     np.testing.assert_array_equal(read_labels(tmp_path / "one" / "s_masks.tif"), expected[2].masks)
 
 
@@ -654,3 +654,26 @@ def test_exclude_on_edges_drops_masks_touching_the_border(tmp_path, checkpoint):
     every = read_labels(tmp_path / "all" / "x_masks.tif")
     np.testing.assert_array_equal(read_labels(tmp_path / "inner" / "x_masks.tif"), remove_edge_masks(every))
     np.testing.assert_array_equal(read_labels(tmp_path / "all" / "x_masks.png"), every)
+
+
+@pytest.mark.parametrize("mode", [["--do-3d"], ["--stitch_threshold", "0.3"]])
+def test_do_3d_and_stitching_write_one_3d_label_volume(tmp_path, checkpoint, mode):
+    volume = np.stack([generate("nuclei", (48, 56), seed=s)[0][..., 0] for s in range(4)])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tifffile.imwrite(folder / "v.tif", volume, imagej=True, metadata={"axes": "ZYX"})
+    tifffile.imwrite(folder / "flat.tif", volume[0])
+    args = [str(folder), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"),
+            "--precision", "fp32", "--save-flows", *MASK_OPTIONS, *mode]
+    assert cli.main(args) == 1  # the 2-D image fails with its reason, the volume is done
+    model = load_model(checkpoint, device="cpu", dtype=torch.float32)
+    options = PredictConfig(flow_threshold=0.0, min_size=0, do_3d=mode == ["--do-3d"],
+                            stitch_threshold=0.0 if mode == ["--do-3d"] else 0.3)
+    expected = predict(model, volume, options)
+    with tifffile.TiffFile(tmp_path / "out" / "v_masks.tif") as tif:
+        assert tif.is_imagej and tif.series[0].axes == "ZYX"
+        np.testing.assert_array_equal(tif.asarray(), expected.masks)
+    assert np.load(tmp_path / "out" / "v_flows.npy").shape == expected.flows.shape
+    rows = read_summary(tmp_path / "out" / "summary.csv", folder)
+    assert rows["v.tif"]["status"] == "ok" and rows["v.tif"]["size"] == "4x48x56"
+    assert rows["flat.tif"]["status"] == "failed" and "2-D image" in rows["flat.tif"]["error"]
