@@ -702,6 +702,10 @@ def _write(item: _Item, prediction: Prediction, run: _Run) -> FileResult:
     cfg, paths, masks = run.cfg, item.paths, prediction.masks
     paths.masks.parent.mkdir(parents=True, exist_ok=True)
     stack = item.stack_axes is not None
+    flat_only_asked = [flag for flag, _, flat_only in _EXTRA_OUTPUTS if flat_only and getattr(cfg, flag)]
+    if stack and flat_only_asked:
+        log.warning("%s: is a stack; %s are written for 2-D images only (use --plane N for one plane)",
+                    item.job.path, ", ".join("--" + flag.replace("_", "-") for flag in flat_only_asked))
     for flag, names, flat_only in _EXTRA_OUTPUTS:
         if not getattr(cfg, flag) or (flat_only and stack):
             continue

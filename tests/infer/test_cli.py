@@ -510,6 +510,11 @@ def test_cellpose_flag_names_parse_as_ours(monkeypatch):
               "--exclude-on-edges", "--save-png", "--save-flows", "--save-outlines", "--save-rois"])
     assert seen["cfg"] == cfg
     assert "--flow_threshold = --flow-threshold" in " = ".join(_parser().format_help().split())
+    seen.clear()
+    cli.main(["x.tif", "--pretrained_model", "m.pt", "--savedir", "o", "--use_gpu", "--do_3D",
+              "--anisotropy", "2.5", "--flow3D_smooth", "1.5"])
+    assert seen["cfg"].device == "cuda"
+    assert (seen["cfg"].predict.do_3d, seen["cfg"].predict.anisotropy, seen["cfg"].predict.flow3d_smooth) == (True, 2.5, 1.5)
 
 
 def test_cellpose_flags_that_disagree_or_are_missing_are_usage_errors(capsys):
