@@ -72,7 +72,7 @@ import threading
 import time
 import typing
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -688,12 +688,26 @@ def _failed(item: _Item, reason: str, run: _Run) -> FileResult:
     )
 
 
-# The outputs each option asks for: (InferConfig flag, OutputPaths fields, 2-D images only).
+class _Output(NamedTuple):
+    """An output an option asks for, besides the masks (which are always written, last)."""
+
+    flag: str  # the InferConfig field that asks for it
+    paths: tuple[str, ...]  # the OutputPaths fields it writes (all must exist for "done")
+    flat_only: bool  # written for 2-D images only, not for stacks
+    write: Callable[[_Item, Prediction], None]
+
+
+# One entry per optional output; adding an output is adding an entry (and its OutputPaths field).
 _EXTRA_OUTPUTS = (
-    ("save_flows", ("flows", "cellprob"), False),
-    ("save_outlines", ("outlines",), True),
-    ("save_rois", ("rois",), True),
-    ("save_png", ("png",), True),
+    _Output("save_flows", ("flows", "cellprob"), False, lambda item, prediction: (
+        write_array(item.paths.flows, prediction.flows),
+        write_array(item.paths.cellprob, prediction.cellprob))),
+    _Output("save_outlines", ("outlines",), True,
+            lambda item, prediction: write_overlay(item.paths.outlines, item.image, prediction.masks)),
+    _Output("save_rois", ("rois",), True,
+            lambda item, prediction: write_rois(item.paths.rois, prediction.masks)),
+    _Output("save_png", ("png",), True,
+            lambda item, prediction: write_png_masks(item.paths.png, prediction.masks)),
 )
 
 
@@ -702,23 +716,15 @@ def _write(item: _Item, prediction: Prediction, run: _Run) -> FileResult:
     cfg, paths, masks = run.cfg, item.paths, prediction.masks
     paths.masks.parent.mkdir(parents=True, exist_ok=True)
     stack = item.stack_axes is not None
-    flat_only_asked = [flag for flag, _, flat_only in _EXTRA_OUTPUTS if flat_only and getattr(cfg, flag)]
-    if stack and flat_only_asked:
+    asked = [output for output in _EXTRA_OUTPUTS if getattr(cfg, output.flag)]
+    if stack and any(output.flat_only for output in asked):
+        flags = ", ".join("--" + o.flag.replace("_", "-") for o in asked if o.flat_only)
         log.warning("%s: is a stack; %s are written for 2-D images only (use --plane N for one plane)",
-                    item.job.path, ", ".join("--" + flag.replace("_", "-") for flag in flat_only_asked))
-    for flag, names, flat_only in _EXTRA_OUTPUTS:
-        if not getattr(cfg, flag) or (flat_only and stack):
-            continue
-        if flag == "save_flows":
-            write_array(paths.flows, prediction.flows)
-            write_array(paths.cellprob, prediction.cellprob)
-        elif flag == "save_outlines":
-            write_overlay(paths.outlines, item.image, masks)
-            item.image = None
-        elif flag == "save_rois":
-            write_rois(paths.rois, masks)
-        elif flag == "save_png":
-            write_png_masks(paths.png, masks)
+                    item.job.path, flags)
+    for output in asked:
+        if not (output.flat_only and stack):
+            output.write(item, prediction)
+    item.image = None  # held for the outlines only
     row = FileResult(
         file=str(item.job.path),
         status="ok",
@@ -751,9 +757,9 @@ def _done_before(item: _Item, run: _Run) -> FileResult | None:
         changed = _changed_settings(info.get("settings") if isinstance(info, dict) else None, run.settings)
         log.info("%s: made with other settings (%s); redoing it", paths.masks, changed)
         return None
-    for flag, names, flat_only in _EXTRA_OUTPUTS:
-        wanted = getattr(run.cfg, flag) and not (flat_only and info.get("stack"))
-        if wanted and not all(getattr(paths, name).is_file() for name in names):
+    for output in _EXTRA_OUTPUTS:
+        wanted = getattr(run.cfg, output.flag) and not (output.flat_only and info.get("stack"))
+        if wanted and not all(getattr(paths, name).is_file() for name in output.paths):
             return None
     return FileResult(
         file=str(item.job.path), status="skipped", size=info.get("size", ""), n_cells=info.get("n_cells", ""),
