@@ -661,6 +661,7 @@ def test_exclude_on_edges_drops_masks_touching_the_border(tmp_path, checkpoint):
     np.testing.assert_array_equal(read_labels(tmp_path / "all" / "x_masks.png"), every)
 
 
+@pytest.mark.slow  # the 3-D mask kernels compile on first use (~40 s on cpu-2)
 @pytest.mark.parametrize("mode", [["--do-3d"], ["--stitch_threshold", "0.3"]])
 def test_do_3d_and_stitching_write_one_3d_label_volume(tmp_path, checkpoint, mode):
     volume = np.stack([generate("nuclei", (48, 56), seed=s)[0][..., 0] for s in range(4)])
