@@ -986,3 +986,13 @@ def test_volume_options_are_checked():
         PredictConfig(do_3d=True, anisotropy=0)
     with pytest.raises(ValueError, match=r"\(Z, Y, X\)"):
         predict(ConstantNet(), np.ones((5, 5), np.float32), PredictConfig(do_3d=True))
+
+
+def test_a_stream_of_volumes_keeps_order_failures_and_then():
+    volumes = [np.random.default_rng(i).random((3, 30, 40, 3)).astype(np.float32) for i in range(2)]
+    items = [("a", volumes[0]), ("b", OSError("unreadable")), ("c", np.ones((5, 5), np.float32)), ("d", volumes[1])]
+    cfg = PredictConfig(do_3d=True, normalize=False, compute_masks=False)
+    results = list(predict_stream(ConvNet().eval(), items, cfg, then=lambda key, p: (key, p.flows.shape)))
+    assert [key for key, _ in results] == ["a", "b", "c", "d"]
+    assert results[0][1] == ("a", (3, 3, 30, 40)) and results[3][1] == ("d", (3, 3, 30, 40))
+    assert isinstance(results[1][1], OSError) and isinstance(results[2][1], ValueError)
