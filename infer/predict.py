@@ -547,7 +547,7 @@ def _volumes(model, items, cfg: PredictConfig, then) -> Iterator[tuple[Any, Any]
     """:func:`predict_stream` over volumes: each one on its own (its planes batch together)."""
     for key, volume in items:
         work = _prepared(model, key, volume, cfg, None, plan=False)
-        if work.error is None and work.skipped is None:
+        if work.cfg is not None:  # not finished already (failed, skipped, given)
             try:
                 work.prediction = predict_volume(model, volume, cfg)
             except Exception as error:  # noqa: BLE001 -- this volume fails, the others go on
