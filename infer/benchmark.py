@@ -66,7 +66,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
 from infer.cli import _configure_logging, _init_distributed, _resolve_device  # noqa: E402
 from infer.evaluate import DEFAULT_THRESHOLDS, mean_row, score_masks  # noqa: E402
-from infer.predict import AUTO, PredictConfig, _stream, load_model, predict_stream  # noqa: E402
+from infer.predict import AUTO, PredictConfig, load_model, predict_stream  # noqa: E402
 from pipeline.metrics import remove_ignored_masks  # noqa: E402
 from pipeline.shards import iter_samples, read_manifest  # noqa: E402
 
@@ -216,9 +216,8 @@ def score_rows(model, rows: list[dict], cfg: BenchmarkConfig, root: str | Path, 
     predict_cfg = PredictConfig(batch_size=cfg.batch_size, diameter=AUTO if cfg.diameter == "auto" else None)
     items = _read_ahead(_items(root, rows, cfg, predict_cfg))
     if cfg.diameter == "true":
-        # Each image at its own diameter: predict_stream takes one config for all images, its
-        # body (_stream) one per image.
-        results = _stream(model, items, predict_cfg, pool=_on_gpu(model), overlap=_on_gpu(model), then=_then)
+        # Each image at its own diameter: its items carry a config of their own.
+        results = predict_stream(model, items, predict_cfg, then=_then)
     else:
         results = predict_stream(model, ((item, image) for item, image, _ in items), predict_cfg, then=_then)
     image_rows = []
@@ -283,11 +282,6 @@ def _read_ahead(items: Iterable, depth: int = _READ_AHEAD) -> Iterator:
     finally:
         stop.set()
         thread.join()
-
-
-def _on_gpu(model) -> bool:
-    parameter = next(model.parameters(), None)
-    return parameter is not None and parameter.device.type == "cuda"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,9 +5,15 @@ inputs), under ``--out``:
 
 * ``<rel>/<stem>_masks.tif``: instance labels, uint16 in ImageJ's TIFF format (uint32 plain TIFF
   past 65,535 masks), zlib-compressed; Fiji and napari open it (``pipeline.io.write_labels``).
-  Written last, so its presence means the image is done.
-* ``<rel>/<stem>_flows.npy``: (2, H, W) float32 dP = (dy, dx), 5 x unit flows (``--save-flows``).
-* ``<rel>/<stem>_cellprob.npy``: (H, W) float32 logits (``--save-flows``).
+  A stack's masks are a label stack of the same shape, an ImageJ hyperstack along Z or T. The
+  settings that made it, its size and cell count are kept in it as JSON (ImageJ's ``Info``,
+  Image > Show Info in Fiji; ``pipeline.io.read_labels_info``). Written last, so its presence
+  means the image is done.
+* ``<rel>/<stem>_flows.npy``: (2, H, W) float32 dP = (dy, dx), 5 x unit flows (``--save-flows``);
+  (2, N, H, W) for a stack of N planes (Cellpose's dP), (3, Z, Y, X) (dz, dy, dx) with ``--do-3d``.
+* ``<rel>/<stem>_cellprob.npy``: (H, W) float32 logits (``--save-flows``); (N, H, W) for a stack.
+* ``<rel>/<stem>_masks.png``: the masks as a 16-bit grayscale PNG (``--save-png``, Cellpose's
+  ``--save_png``; 2-D images with at most 65,535 masks).
 * ``<rel>/<stem>_outlines.png``: the image (1st-99th percentile, gray for one channel, RG for two,
   RGB for three) with each mask's outline in red (``--save-outlines``).
 * ``<rel>/<stem>_rois.zip``: one ImageJ polygon ROI per mask, named by its label id zero-padded
@@ -52,6 +58,7 @@ __all__ = [
     "write_array",
     "write_masks",
     "write_overlay",
+    "write_png_masks",
     "write_rois",
     "write_seg",
 ]
@@ -70,6 +77,7 @@ class OutputPaths(NamedTuple):
     outlines: Path
     rois: Path
     seg: Path
+    png: Path
 
 
 def output_paths(out_dir: str | os.PathLike, relative_input: str | os.PathLike) -> OutputPaths:
@@ -87,6 +95,7 @@ def output_paths(out_dir: str | os.PathLike, relative_input: str | os.PathLike) 
         outlines=stem.with_name(stem.name + "_outlines.png"),
         rois=stem.with_name(stem.name + "_rois.zip"),
         seg=stem.with_name(stem.name + SEG_SUFFIX),
+        png=stem.with_name(stem.name + MASKS_SUFFIX + ".png"),
     )
 
 
@@ -95,9 +104,28 @@ def output_paths(out_dir: str | os.PathLike, relative_input: str | os.PathLike) 
 # ------------------------------------------------------------------------------------------------
 
 
-def write_masks(path: str | os.PathLike, masks: np.ndarray) -> None:
-    """(H, W) integer labels -> ImageJ-compatible TIFF (see ``pipeline.io.write_labels``)."""
-    write_labels(path, masks)
+def write_masks(
+    path: str | os.PathLike, masks: np.ndarray, *, axes: str | None = None, info: str | None = None
+) -> None:
+    """(H, W) or (N, H, W) integer labels -> ImageJ-compatible TIFF (``pipeline.io.write_labels``).
+
+    ``axes`` ``ZYX`` or ``TYX`` for a stack; ``info`` is text kept in the file.
+    """
+    write_labels(path, masks, axes=axes, info=info)
+
+
+def write_png_masks(path: str | os.PathLike, masks: np.ndarray) -> None:
+    """(H, W) labels -> 16-bit grayscale PNG, atomically (Cellpose's ``--save_png``)."""
+    masks = np.asarray(masks)
+    if masks.ndim != 2 or masks.dtype.kind not in "iu":
+        raise ValueError(f"masks must be (H, W) integer labels; got {masks.dtype} {masks.shape}")
+    if masks.max(initial=0) > np.iinfo(np.uint16).max:
+        raise ValueError(
+            f"{path}: {int(masks.max())} masks do not fit a 16-bit PNG; use the _masks.tif"
+        )
+    with _atomic(path) as temporary:
+        with open(temporary, "xb") as fh:
+            Image.fromarray(masks.astype(np.uint16)).save(fh, format="PNG")
 
 
 def write_array(path: str | os.PathLike, array: np.ndarray) -> None:

@@ -52,6 +52,18 @@ Where this differs from Cellpose:
 * On a GPU the tiles of consecutive images are pooled into the same batches, and the masks of
   one image are followed while the network runs on the next (:func:`predict_many`,
   :func:`predict_stream`); Cellpose runs each image on its own, as this module does on a CPU.
+
+**The stream** (:func:`predict_stream`, which :func:`predict` and :func:`predict_many` use) is
+three stages composed in :func:`_stream`, each passing on one ``_Work`` record per image:
+``_prepared`` (steps 1-5: checked, normalised, rescaled, padded, its tile grid planned; or
+finished: failed, skipped, given), ``_run_tiles`` (the one batcher: tiles of consecutive images
+``batch_size`` at a time, blended into each image's output, images yielded in order) and
+``_finished`` (step 8 and the caller's ``then``, maybe in a worker thread). The tiling maths
+(:func:`pad_widths`, :func:`tile_starts`, :func:`tile_grid`, :func:`taper_weights`,
+:func:`scaled_size`) are pure functions. ``diameter="auto"`` is a loop of single-scale runs.
+
+**Volumes** (:func:`predict_volume`, ``do_3d`` or ``stitch_threshold``) follow Cellpose 4's
+``eval(do_3D=True)``: the planes of each orientation go through the same batcher.
 """
 
 from __future__ import annotations
@@ -63,7 +75,7 @@ import numbers
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -72,7 +84,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.dynamics import flows_to_masks
+import scipy.ndimage
+
+from pipeline.dynamics import clean_masks, flows_to_masks
 from pipeline.io import normalize_percentile
 from pipeline.model import DIAMETER_MEAN, MIN_DIAMETER, set_bias_as_mask
 from pipeline.shards import cellpose_diameter
@@ -83,6 +97,7 @@ __all__ = [
     "TILE_SIZE",
     "Prediction",
     "PredictConfig",
+    "Skip",
     "default_dtype",
     "estimate_diameter",
     "load_model",
@@ -91,6 +106,10 @@ __all__ = [
     "predict_many",
     "predict_stream",
     "predict_tiles",
+    "predict_volume",
+    "stitch_planes",
+    "remove_edge_masks",
+    "scaled_size",
     "taper_weights",
     "tile_grid",
     "tile_starts",
@@ -142,6 +161,8 @@ class PredictConfig:
     """Tiles run through the network at once."""
     normalize: bool = True
     """Scale each channel so its 1st percentile is 0 and its 99th is 1 before the network."""
+    norm_percentile: tuple[float, float] = (1.0, 99.0)
+    """The percentiles normalisation maps to 0 and 1 (Cellpose's norm_percentile)."""
     compute_masks: bool = True
     """Follow the flows to instance masks; False returns flows and cellprob only."""
     niter: int | None = None
@@ -154,6 +175,16 @@ class PredictConfig:
     """Masks with fewer pixels are dropped; 0 keeps all."""
     max_size_fraction: float = 0.4
     """Masks larger than this fraction of the image are dropped."""
+    exclude_on_edges: bool = False
+    """Drop masks that touch the image's border, then renumber (Cellpose's --exclude_on_edges)."""
+    do_3d: bool = False
+    """Segment a stack as one 3-D volume: the network on its YX, ZY and ZX planes, flows summed."""
+    anisotropy: float | None = None
+    """With do_3d: Z is rescaled by this first (2.0 when Z is sampled half as densely as X and Y)."""
+    flow3d_smooth: float = 0.0
+    """With do_3d: the standard deviation of a Gaussian smoothing the 3-D flows; 0: none."""
+    stitch_threshold: float = 0.0
+    """Segment a stack plane by plane and link masks of neighbouring planes with IoU above this; 0: off."""
 
     def __post_init__(self) -> None:
         if self.diameter not in (None, AUTO) and not (
@@ -175,7 +206,16 @@ class PredictConfig:
             raise ValueError(
                 f"niter must be an integer >= 1, or None for 200 / rescale; got {self.niter!r}"
             )
-        for name in ("augment", "normalize", "compute_masks"):
+        bounds = self.norm_percentile
+        if not (
+            isinstance(bounds, tuple) and len(bounds) == 2 and all(map(_is_real, bounds))
+            and 0 <= bounds[0] < bounds[1] <= 100
+        ):
+            raise ValueError(
+                f"norm_percentile must be (low, high) with 0 <= low < high <= 100; got "
+                f"{self.norm_percentile!r}"
+            )
+        for name in ("augment", "normalize", "compute_masks", "exclude_on_edges"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False; got {getattr(self, name)!r}")
         # flows_to_masks checks the mask options again; checking here fails before any compute.
@@ -190,6 +230,29 @@ class PredictConfig:
             )
         if self.max_size_fraction <= 0:
             raise ValueError(f"max_size_fraction must be > 0; got {self.max_size_fraction}")
+        if not isinstance(self.do_3d, bool):
+            raise TypeError(f"do_3d must be True or False; got {self.do_3d!r}")
+        if self.anisotropy is not None and not (_is_real(self.anisotropy) and self.anisotropy > 0):
+            raise ValueError(f"anisotropy must be > 0 (or None for 1); got {self.anisotropy!r}")
+        for name in ("flow3d_smooth", "stitch_threshold"):
+            value = getattr(self, name)
+            if not (_is_real(value) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0 (0: off); got {value!r}")
+        if self.do_3d and self.stitch_threshold > 0:
+            raise ValueError(
+                "do_3d and stitch_threshold are two ways to segment a volume; pick one "
+                "(stitch_threshold=0 for the 3-D flows, do_3d=False to stitch 2-D masks)"
+            )
+        if self.volume and self.diameter == AUTO:
+            raise ValueError(
+                "diameter='auto' is for 2-D images; give a volume's cell diameter in pixels "
+                "(or none)"
+            )
+
+    @property
+    def volume(self) -> bool:
+        """Whether an image is a volume segmented in 3-D (do_3d or stitch_threshold > 0)."""
+        return self.do_3d or self.stitch_threshold > 0
 
     @property
     def rescale(self) -> float:
@@ -213,14 +276,14 @@ def _is_int(value) -> bool:
 
 
 class Prediction(NamedTuple):
-    """What :func:`predict` returns for one image of size (H, W)."""
+    """What :func:`predict` returns for one image of size (H, W) or a volume (Z, Y, X)."""
 
     masks: np.ndarray | None
-    """(H, W) uint16 (uint32 past 65,535 masks), 0 = background; None if compute_masks=False."""
+    """(H, W) or (Z, Y, X) uint16 (uint32 past 65,535 masks), 0 = background; None if compute_masks=False."""
     flows: np.ndarray
-    """(2, H, W) float32 dP = (dy, dx), 5 x unit flows as the network outputs them."""
+    """(2, H, W) float32 dP = (dy, dx), 5 x unit flows as the network outputs them; (3, Z, Y, X) (dz, dy, dx) with do_3d, (2, Z, Y, X) per plane with stitch_threshold."""
     cellprob: np.ndarray
-    """(H, W) float32 cell-probability logits."""
+    """(H, W) or (Z, Y, X) float32 cell-probability logits (the sum of three with do_3d)."""
     diameter: float | None = None
     """The diameter the image was rescaled by (given, or estimated with ``"auto"``); None: none."""
 
@@ -312,9 +375,30 @@ def taper_weights(tile_size: int = TILE_SIZE) -> np.ndarray:
     return profile[:, np.newaxis] * profile[np.newaxis, :]
 
 
+def scaled_size(height: int, width: int, rescale: float) -> tuple[int, int]:
+    """(H, W) after a diameter rescale: ``int(side * rescale)``, as Cellpose's ``resize_image``.
+
+    >>> scaled_size(300, 200, 30 / 45)
+    (200, 133)
+    """
+    if rescale == 1.0:
+        return height, width
+    return int(height * rescale), int(width * rescale)
+
+
 # ------------------------------------------------------------------------------------------------
-# Running the network
+# Running the network: one image, several, a stream
 # ------------------------------------------------------------------------------------------------
+
+
+class Skip(NamedTuple):
+    """In place of an image in :func:`predict_stream`: an item that needs no network.
+
+    The stream yields ``value`` for it, in its place in the order (e.g. the summary row of a
+    file whose outputs exist).
+    """
+
+    value: Any
 
 
 def predict(
@@ -340,8 +424,50 @@ def predict(
     Prediction
         ``masks`` (H, W) uint16/uint32 or None, ``flows`` (2, H, W) float32, ``cellprob``
         (H, W) float32.
+
+    With ``cfg.do_3d`` or ``cfg.stitch_threshold`` the image is a volume (Z, Y, X) or
+    (Z, Y, X, C): see :func:`predict_volume`.
     """
+    if cfg.volume:
+        return predict_volume(model, image, cfg)
     return next(predict_many(model, [image], cfg, pool=False, overlap=False))
+
+
+def predict_volume(
+    model: torch.nn.Module, volume: np.ndarray, cfg: PredictConfig = PredictConfig(do_3d=True)
+) -> Prediction:
+    """Masks of a (Z, Y, X) or (Z, Y, X, C) volume, as Cellpose 4's ``eval(do_3D=True)``.
+
+    The volume is normalised as a whole (Cellpose's ``norm3D``). With ``cfg.do_3d``: Z is
+    rescaled by ``anisotropy`` and the volume by 30 / diameter (trilinear, as Cellpose's
+    separable ``resize_image_3d``); the network runs on every YX, ZY and ZX plane (the tiles of
+    the planes of one orientation batched together); the matching flow components and the three
+    cellprob maps are summed (``core.run_3D``) and resized back; ``flow3d_smooth`` smooths the
+    flows; :func:`infer.dynamics.flows_to_masks` follows the (3, Z, Y, X) flows (no flow-error
+    check in 3-D). With ``cfg.stitch_threshold``: 2-D masks per plane (no size filter), linked
+    across planes by IoU (:func:`stitch_planes`), then holes filled and small masks dropped in
+    3-D (Cellpose's ``stitch3D`` and ``fill_holes_and_remove_small_masks``).
+    """
+    if not cfg.volume:
+        raise ValueError("predict_volume needs cfg.do_3d=True or cfg.stitch_threshold > 0")
+    volume = _checked_volume(volume)
+    if cfg.normalize:
+        depth, height, width, n_channels = volume.shape
+        flat = volume.reshape(depth * height, width, n_channels)  # percentiles of the whole volume
+        volume = normalize_percentile(flat, *cfg.norm_percentile).reshape(volume.shape)
+    device, _ = _device_and_dtype(model)
+    image = _network_input(volume.reshape(-1, *volume.shape[2:]), _RAW, device)
+    image = image.reshape(image.shape[0], *volume.shape[:3])  # (C, Z, Y, X)
+    if cfg.stitch_threshold > 0:
+        return _stitched_volume(model, image, cfg)
+    flows, cellprob = _flows_3d(model, image, cfg)
+    if cfg.flow3d_smooth > 0:
+        flows = scipy.ndimage.gaussian_filter(flows, [0] + [cfg.flow3d_smooth] * 3)
+    masks = None
+    if cfg.compute_masks:
+        masks = _masks(flows, cellprob, cfg)
+    diameter = None if cfg.diameter is None else float(cfg.diameter)
+    return Prediction(masks=masks, flows=flows, cellprob=cellprob, diameter=diameter)
 
 
 def predict_many(
@@ -373,73 +499,62 @@ def predict_many(
 
 def predict_stream(
     model: torch.nn.Module,
-    items: Iterable[tuple[Any, np.ndarray | BaseException]],
+    items: Iterable[tuple[Any, np.ndarray | BaseException | Skip] | tuple[Any, np.ndarray, PredictConfig]],
     cfg: PredictConfig = PredictConfig(),
     *,
     pool: bool | None = None,
     overlap: bool | None = None,
     then: Callable[[Any, Prediction], Any] | None = None,
+    on_tiles: Callable[[int, int], None] | None = None,
 ) -> Iterator[tuple[Any, Any]]:
     """:func:`predict_many` for ``(key, image)`` pairs, each failure kept to its own image.
+
+    An item may also be ``(key, image, image_cfg)``: that image is predicted with ``image_cfg``
+    (its own diameter, say; a single-scale config), the stream's batching with ``cfg``'s.
 
     Yields ``(key, result)`` in the order of ``items``: ``result`` is the image's
     :class:`Prediction`, or ``then(key, prediction)`` when ``then`` is given (it runs where the
     masks do, so that writing files also overlaps the network), or the exception that stopped
     this image. An item whose image is an exception (e.g. the file could not be read) is passed
-    through in its place. A network call that fails is retried image by image, so only the
-    images that fail on their own fail. ``pool`` and ``overlap`` as in :func:`predict_many`.
-    Images are pulled from ``items`` as the tile pool needs them, so at most about
-    ``cfg.batch_size`` images, plus :data:`_MAX_MASKS_AHEAD` waiting for their masks, are held
-    (up to three times that with ``diameter="auto"``, whose runs are chained streams).
+    through in its place, and so is the value of a :class:`Skip`. A network call that fails is
+    retried image by image, so only the images that fail on their own fail. ``pool`` and
+    ``overlap`` as in :func:`predict_many`. ``on_tiles(n_run, n_planned)`` is called after each
+    network call with the tiles run and planned so far (progress for large images).
+
+    The stream is three stages composed in :func:`_stream` (prepare each image, run the tiles
+    in batches, masks and ``then``), each passing on one ``_Work`` record per item; with
+    ``diameter="auto"`` it runs once per scale, each run fed by the one before
+    (:func:`_auto_runs`). Images are pulled from ``items`` as the tile pool needs them, so at
+    most about ``cfg.batch_size`` images, plus :data:`_MAX_MASKS_AHEAD` waiting for their masks,
+    are held (up to three times that with ``diameter="auto"``).
     """
     device, _ = _device_and_dtype(model)
-    pool = device.type == "cuda" if pool is None else pool
-    overlap = device.type == "cuda" if overlap is None else overlap
-    if cfg.diameter == AUTO:
-        yield from _stream_auto(model, items, cfg, pool=pool, overlap=overlap, then=then)
+    options = _StreamOptions(
+        batch_size=cfg.batch_size,
+        pool=device.type == "cuda" if pool is None else pool,
+        overlap=device.type == "cuda" if overlap is None else overlap,
+        on_tiles=on_tiles,
+    )
+    if cfg.volume:
+        yield from _volumes(model, items, cfg, then)
+    elif cfg.diameter == AUTO:
+        yield from _auto_runs(model, items, cfg, options, then)
     else:
-        with_cfg = ((key, image, cfg) for key, image in items)
-        yield from _stream(model, with_cfg, cfg, pool=pool, overlap=overlap, then=then)
+        # An item may carry a config of its own (key, image, config), e.g. its own diameter.
+        yield from _stream(model, ((item[0], item[1], item[2] if len(item) > 2 else cfg) for item in items),
+                           options, then)
 
 
-def _stream_auto(model, items, cfg: PredictConfig, *, pool: bool, overlap: bool, then) -> Iterator[tuple[Any, Any]]:
-    """:func:`predict_stream` with ``diameter="auto"``: a run at scale 1, then at each estimate.
-
-    Chained streams, one per run: each takes the previous run's results and sends every image
-    on at the diameter its masks give, or passes its result through once it is settled (no
-    masks to measure, or a failure).
-    """
-    first = dataclasses.replace(cfg, diameter=None, compute_masks=True)
-    held: dict[int, np.ndarray] = {}  # images still to be run again
-
-    def scale_1() -> Iterator[tuple[Any, Any, PredictConfig]]:
-        for index, (key, image) in enumerate(items):
-            if not isinstance(image, BaseException):
-                held[index] = image
-            yield (index, key), image, first
-
-    def rescaled(results, last: bool) -> Iterator[tuple[Any, Any, PredictConfig]]:
-        # A settled result (a failure, or no masks) comes back from the next stream as it went
-        # in, and is settled again here: measuring nothing again gives no estimate again.
-        for (index, key), result in results:
-            item_key = key if last else (index, key)
-            estimate = None if isinstance(result, BaseException) else estimate_diameter(result.masks)
-            if estimate is not None:
-                image = held.pop(index) if last else held[index]
-                # Runs before the last need masks for the next estimate.
-                options = dataclasses.replace(cfg, diameter=estimate, compute_masks=cfg.compute_masks or not last)
-                yield item_key, image, options
-                continue
-            held.pop(index, None)
-            if last and isinstance(result, Prediction) and not cfg.compute_masks:
-                result = result._replace(masks=None)
-            yield item_key, result, first  # passed through: ``first`` is not used
-
-    results = _stream(model, scale_1(), cfg, pool=pool, overlap=overlap, then=None)
-    for run in range(1, AUTO_ESTIMATES + 1):
-        last = run == AUTO_ESTIMATES
-        results = _stream(model, rescaled(results, last), cfg, pool=pool, overlap=overlap, then=then if last else None)
-    yield from results
+def _volumes(model, items, cfg: PredictConfig, then) -> Iterator[tuple[Any, Any]]:
+    """:func:`predict_stream` over volumes: each one on its own (its planes batch together)."""
+    for key, volume in items:
+        work = _prepared(model, key, volume, cfg, None, plan=False)
+        if work.cfg is not None:  # not finished already (failed, skipped, given)
+            try:
+                work.prediction = predict_volume(model, volume, cfg)
+            except Exception as error:  # noqa: BLE001 -- this volume fails, the others go on
+                work.error = error
+        yield key, _result(work, then)
 
 
 def estimate_diameter(masks: np.ndarray) -> float | None:
@@ -451,81 +566,6 @@ def estimate_diameter(masks: np.ndarray) -> float | None:
     return None if diameter == 0 else max(diameter, MIN_DIAMETER)  # the trainer's floor too
 
 
-def _stream(
-    model: torch.nn.Module,
-    items: Iterable[tuple[Any, np.ndarray | Prediction | BaseException, PredictConfig]],
-    cfg: PredictConfig,
-    *,
-    pool: bool,
-    overlap: bool,
-    then: Callable[[Any, Prediction], Any] | None,
-) -> Iterator[tuple[Any, Any]]:
-    """The body of :func:`predict_stream`, with a config per image (``cfg`` gives the batch size).
-
-    An item's image may also be a finished :class:`Prediction` (it only goes through ``then``)
-    or an exception (passed through).
-    """
-    device, _ = _device_and_dtype(model)
-    # Input order: each entry is [key, result]; result None while the image is in the network,
-    # a Future while its masks are followed in the worker.
-    entries: deque[list] = deque()
-
-    def plans() -> Iterator[_Plan]:
-        for key, image, image_cfg in items:
-            entry = [key, None]
-            entries.append(entry)
-            if isinstance(image, BaseException):
-                entry[1] = image
-                continue
-            if isinstance(image, Prediction):
-                entry[1] = deliver(key, image)
-                continue
-            try:
-                plan = _plan(model, _network_input(image, image_cfg, device), image_cfg)
-            except Exception as error:  # noqa: BLE001 -- this image fails, the others go on
-                entry[1] = error
-                continue
-            plan.entry, plan.cfg = entry, image_cfg
-            yield plan
-
-    def deliver(key, prediction: Prediction):
-        try:
-            return prediction if then is None else then(key, prediction)
-        except Exception as error:  # noqa: BLE001 -- reported as this image's result
-            return error
-
-    def finish(key, output: torch.Tensor, image_cfg: PredictConfig):
-        try:
-            prediction = _with_masks(output, image_cfg)
-        except Exception as error:  # noqa: BLE001 -- reported as this image's result
-            return error
-        return deliver(key, prediction)
-
-    def ready(force: bool) -> Iterator[tuple[Any, Any]]:
-        """Yield finished entries from the front; ``force`` waits for the worker's."""
-        while entries and entries[0][1] is not None:
-            result = entries[0][1]
-            if isinstance(result, Future):
-                in_worker = sum(isinstance(entry[1], Future) and not entry[1].done() for entry in entries)
-                if not (force or result.done() or in_worker > _MAX_MASKS_AHEAD):
-                    return
-                result = result.result()
-            key = entries.popleft()[0]
-            yield key, result
-
-    with ThreadPoolExecutor(1, thread_name_prefix="masks") if overlap else nullcontext() as worker:
-        for plan, output in _run_pooled(model, plans(), cfg, pool=pool):
-            key = plan.entry[0]
-            if isinstance(output, BaseException):
-                plan.entry[1] = output
-            elif worker is None:
-                plan.entry[1] = finish(key, output, plan.cfg)
-            else:
-                plan.entry[1] = worker.submit(finish, key, output, plan.cfg)
-            yield from ready(force=False)
-        yield from ready(force=True)
-
-
 def predict_tiles(
     model: torch.nn.Module, image: torch.Tensor, cfg: PredictConfig = PredictConfig()
 ) -> torch.Tensor:
@@ -535,10 +575,12 @@ def predict_tiles(
     channels. Returns (3, H, W) float32 (dy, dx, cellprob) on the model's device. Uses
     ``cfg.diameter``, ``cfg.augment``, ``cfg.tile_overlap`` and ``cfg.batch_size``.
     """
-    ((_, output),) = _run_pooled(model, [_plan(model, image, cfg)], cfg)
-    if isinstance(output, BaseException):
-        raise output
-    return output
+    work = _Work(key=None, cfg=cfg, plan=_plan(model, image, cfg))
+    options = _StreamOptions(batch_size=cfg.batch_size, pool=False, overlap=False)
+    (work,) = _run_tiles(model, [work], options)
+    if work.error is not None:
+        raise work.error
+    return work.output
 
 
 # At most this many images wait for (or are in) the mask worker before the network waits for it:
@@ -546,9 +588,19 @@ def predict_tiles(
 _MAX_MASKS_AHEAD = 2
 
 
+@dataclass(frozen=True)
+class _StreamOptions:
+    """How a stream runs (the same for every image in it)."""
+
+    batch_size: int  # tiles per network call
+    pool: bool  # tiles of consecutive images share network calls
+    overlap: bool  # masks and ``then`` in a worker thread while the network runs on
+    on_tiles: Callable[[int, int], None] | None = None  # progress: (tiles run, tiles planned)
+
+
 @dataclass(eq=False)
 class _Plan:
-    """One image on its way through the network: padded input, tile grid, running blend."""
+    """One image's network input and tile grid, and the running blend of its tile outputs."""
 
     padded: torch.Tensor  # (C, H + pad, W + pad), on the model's device
     grid: list[tuple[int, int, bool, bool]]  # (y0, x0, flip_y, flip_x) per tile
@@ -557,15 +609,207 @@ class _Plan:
     summed: torch.Tensor | None = None  # (3, ...) taper-weighted sum of the tile outputs
     weights: torch.Tensor | None = None  # summed taper
     tiles_left: int = 0
-    entry: list | None = None  # predict_stream's bookkeeping
-    cfg: PredictConfig | None = None  # this image's options (the diameter may be its own)
+
+
+@dataclass(eq=False)
+class _Work:
+    """One item on its way through :func:`_stream`; each stage fills in what it produces.
+
+    It is finished once it has an ``error``, a ``prediction`` or a ``skipped`` value; an item
+    still needing the network has a ``plan`` until its last tile is blended into ``output``.
+    """
+
+    key: Any
+    cfg: PredictConfig | None = None  # options of its network run (None: no run)
+    plan: _Plan | None = None  # while its tiles are in the network
+    output: torch.Tensor | None = None  # (3, H, W) float32 network output, once blended
+    prediction: Prediction | None = None  # given (settled by an earlier "auto" run) or made
+    error: BaseException | None = None  # what stopped it
+    skipped: Skip | None = None  # passed through as its value
+
+
+def _stream(
+    model: torch.nn.Module,
+    items: Iterable[tuple[Any, Any, PredictConfig]],
+    options: _StreamOptions,
+    then: Callable[[Any, Prediction], Any] | None,
+) -> Iterator[tuple[Any, Any]]:
+    """One run over ``(key, image, cfg)`` items: prepare -> network -> masks and ``then``.
+
+    An item's image may also be an exception (passed through as its result), a :class:`Skip`
+    (its value passed through) or a finished :class:`Prediction` (it only goes through
+    ``then``).
+    """
+    device, _ = _device_and_dtype(model)
+    works = (_prepared(model, key, image, cfg, device) for key, image, cfg in items)
+    return _finished(_run_tiles(model, works, options), options, then)
+
+
+def _prepared(model, key, image, cfg: PredictConfig, device: torch.device | None, plan: bool = True) -> _Work:
+    """Stage 1, steps 1-5: a work with its plan, or finished (skipped, given, failed)."""
+    if isinstance(image, BaseException):
+        return _Work(key, error=image)
+    if isinstance(image, Skip):
+        return _Work(key, skipped=image)
+    if isinstance(image, Prediction):
+        return _Work(key, prediction=image)
+    if not plan:
+        return _Work(key, cfg=cfg)
+    try:
+        return _Work(key, cfg=cfg, plan=_plan(model, _network_input(image, cfg, device), cfg))
+    except Exception as error:  # noqa: BLE001 -- this image fails, the others go on
+        return _Work(key, error=error)
+
+
+def _run_tiles(model: torch.nn.Module, works: Iterable[_Work], options: _StreamOptions) -> Iterator[_Work]:
+    """Stage 2, steps 6-7, the batcher: planned tiles -> blended network outputs, in order.
+
+    Runs the tiles of consecutive works ``options.batch_size`` at a time and yields each work,
+    in the order given, once it is finished or its last tile is blended (``work.output``). A
+    network call that fails on tiles of several images is retried image by image, so only
+    the images whose own tiles fail get its exception (their other tiles are then dropped).
+    Works are pulled only while fewer than a batch of tiles waits; without ``options.pool`` a
+    batch never spans two images.
+    """
+    size = _tile_size(model)
+    device, dtype = _device_and_dtype(model)
+    taper = torch.from_numpy(taper_weights(size)).to(device=device, dtype=torch.float32)
+    works = iter(works)
+    in_order: deque[_Work] = deque()  # pulled, not yet yielded
+    tiles: deque[tuple[_Work, int]] = deque()  # (work, tile index) not yet run
+    n_run = n_planned = 0
+    exhausted = False
+    with _eval_mode(model):
+        while True:
+            while not exhausted and len(tiles) < options.batch_size and (options.pool or not tiles):
+                work = next(works, None)
+                if work is None:
+                    exhausted = True
+                    break
+                in_order.append(work)
+                if work.plan is not None:
+                    tiles.extend((work, index) for index in range(len(work.plan.grid)))
+                    n_planned += len(work.plan.grid)
+            if tiles:
+                batch = [tiles.popleft() for _ in range(min(options.batch_size, len(tiles)))]
+                _run_batch_or_each(model, batch, taper, size, dtype)
+                while tiles and tiles[0][0].error is not None:  # a failed image's later tiles
+                    tiles.popleft()
+                n_run += len(batch)
+                if options.on_tiles is not None:
+                    options.on_tiles(n_run, n_planned)
+            while in_order and in_order[0].plan is None:
+                yield in_order.popleft()
+            if exhausted and not tiles and not in_order:
+                return
+
+
+def _run_batch_or_each(model, batch: list[tuple[_Work, int]], taper, size: int, dtype) -> None:
+    """Run a batch; if it fails with several images in it, each image's tiles on their own.
+
+    A work whose tiles fail gets the error and loses its plan; one whose last tile is blended
+    gets its output and loses its plan.
+    """
+    owners = list(dict.fromkeys(work for work, _ in batch))  # in order, once each
+    error = _run_batch(model, batch, taper, size, dtype)
+    if error is not None and len(owners) == 1:
+        owners[0].error = error
+    elif error is not None:
+        # Retry each image's tiles on their own, so that one image (too large, or whatever the
+        # model refuses) does not fail the others it was pooled with.
+        for work in owners:
+            own_error = _run_batch(model, [t for t in batch if t[0] is work], taper, size, dtype)
+            if own_error is not None:
+                work.error = own_error
+    for work in owners:
+        if work.error is not None:
+            work.plan = None
+        elif work.plan.tiles_left == 0:
+            work.output, work.plan = _blended(work.plan), None
+
+
+def _finished(works: Iterable[_Work], options: _StreamOptions, then) -> Iterator[tuple[Any, Any]]:
+    """Stage 3, step 8: ``(key, result)`` per work in order; masks and ``then`` maybe in a thread.
+
+    With ``options.overlap`` a worker follows the flows (and runs ``then``) while the stages
+    before go on; at most :data:`_MAX_MASKS_AHEAD` works wait for it before the network does.
+    """
+    if not options.overlap:
+        for work in works:
+            yield work.key, _result(work, then)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="masks") as worker:
+        waiting: deque[tuple[Any, Future]] = deque()  # in order
+        for work in works:
+            waiting.append((work.key, worker.submit(_result, work, then)))
+            while waiting and (waiting[0][1].done() or len(waiting) > _MAX_MASKS_AHEAD):
+                key, future = waiting.popleft()
+                yield key, future.result()
+        for key, future in waiting:
+            yield key, future.result()
+
+
+def _result(work: _Work, then) -> Any:
+    """What the stream yields for a work: its masks made and ``then`` run; never raises."""
+    if work.error is not None:
+        return work.error
+    if work.skipped is not None:
+        return work.skipped.value
+    try:
+        if work.prediction is None:
+            work.prediction = _with_masks(work.output, work.cfg)
+            work.output = None
+        return work.prediction if then is None else then(work.key, work.prediction)
+    except Exception as error:  # noqa: BLE001 -- reported as this image's result
+        return error
+
+
+def _auto_runs(model, items, cfg: PredictConfig, options: _StreamOptions, then) -> Iterator[tuple[Any, Any]]:
+    """``diameter="auto"``: a run at scale 1, then one at each of :data:`AUTO_ESTIMATES` estimates.
+
+    A loop of single-scale runs (:func:`_stream`), each fed lazily by the one before: an item's
+    key carries its image to the next run, which takes it at the diameter its masks give; an
+    item with no masks to measure (or a failure) is settled and passed on as it is. The runs
+    before the last always compute masks (the next estimate needs them).
+    """
+    first = dataclasses.replace(cfg, diameter=None, compute_masks=True)
+    results = _stream(model, (((key, image), image, first) for key, image in items), options, None)
+    for run in range(1, AUTO_ESTIMATES + 1):
+        last = run == AUTO_ESTIMATES
+        results = _stream(model, _next_run(results, cfg, last), options, then if last else None)
+    return results
+
+
+def _next_run(results, cfg: PredictConfig, last: bool) -> Iterator[tuple[Any, Any, PredictConfig | None]]:
+    """The items of the next ``auto`` run from the results of the one before."""
+    for (key, image), result in results:
+        item_key = key if last else (key, image)
+        estimate = estimate_diameter(result.masks) if isinstance(result, Prediction) else None
+        if estimate is not None:
+            compute_masks = cfg.compute_masks or not last
+            yield item_key, image, dataclasses.replace(cfg, diameter=estimate, compute_masks=compute_masks)
+        elif last and isinstance(result, Prediction) and not cfg.compute_masks:
+            yield item_key, result._replace(masks=None), None
+        else:
+            yield item_key, result, None  # settled: a failure, or a run without masks
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode for the block, its training flag restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _network_input(image, cfg: PredictConfig, device: torch.device) -> torch.Tensor:
     """Steps 1-2: a checked, normalised (C, H, W) float32 tensor on ``device``."""
     image = _checked_image(image)
     if cfg.normalize:
-        image = normalize_percentile(image)
+        image = normalize_percentile(image, *cfg.norm_percentile)
     image = np.ascontiguousarray(image, dtype=np.float32)
     n_bad = image.size - np.count_nonzero(np.isfinite(image))
     if n_bad:
@@ -585,91 +829,33 @@ def _plan(model: torch.nn.Module, image: torch.Tensor, cfg: PredictConfig) -> _P
     device, _ = _device_and_dtype(model)
     image = _pad_channels(image.to(device=device, dtype=torch.float32), _input_channels(model))
     height, width = image.shape[-2:]
-    rescale = cfg.rescale
-    if rescale != 1.0:
-        # int(), not round(): Cellpose's resize_image sizes.
-        size = (int(height * rescale), int(width * rescale))
-        if min(size) < 1:
-            raise ValueError(
-                f"diameter {cfg.diameter} shrinks the {height}x{width} image to {size}; pass the "
-                "cell diameter in pixels of this image (or no diameter)"
-            )
+    size = scaled_size(height, width, cfg.rescale)
+    if min(size) < 1:
+        raise ValueError(
+            f"diameter {cfg.diameter} shrinks the {height}x{width} image to {size}; pass the "
+            "cell diameter in pixels of this image (or no diameter)"
+        )
+    if size != (height, width):
         image = _resize(image, size)
     tile = _tile_size(model)
-    rows, cols = image.shape[-2:]
+    rows, cols = size
     (top, bottom), (left, right) = pad_widths(rows, tile), pad_widths(cols, tile)
     padded = F.pad(image, (left, right, top, bottom))
     grid = tile_grid(tuple(padded.shape[-2:]), tile, cfg.tile_overlap, cfg.augment)
     return _Plan(padded, grid, (top, left, rows, cols), (height, width), tiles_left=len(grid))
 
 
-def _run_pooled(
-    model: torch.nn.Module, plans: Iterable[_Plan], cfg: PredictConfig, *, pool: bool = True
-) -> Iterator[tuple[_Plan, torch.Tensor | BaseException]]:
-    """Steps 6-7: run the tiles of consecutive plans ``cfg.batch_size`` at a time and blend.
-
-    Yields each plan, in order, with its (3, H, W) float32 output once its last tile has run, or
-    with the exception of a network call on its tiles (its other tiles are then skipped; a
-    failed call that pooled several images is retried image by image first, so only the
-    images whose own tiles fail are lost). Plans are pulled from ``plans`` only when the pool
-    has fewer than a batch of tiles. Without ``pool`` a batch never spans two plans.
-    """
-    size = _tile_size(model)
-    device, dtype = _device_and_dtype(model)
-    taper = torch.from_numpy(taper_weights(size)).to(device=device, dtype=torch.float32)
-    queue: deque[tuple[_Plan, int]] = deque()  # (plan, tile index) not yet run
-    plans = iter(plans)
-    exhausted = False
-
-    was_training = model.training
-    model.eval()
-    try:
-        while True:
-            while not exhausted and len(queue) < cfg.batch_size and (pool or not queue):
-                plan = next(plans, None)
-                if plan is None:
-                    exhausted = True
-                else:
-                    queue.extend((plan, index) for index in range(len(plan.grid)))
-            if not queue:
-                return
-            batch = [queue.popleft() for _ in range(min(cfg.batch_size, len(queue)))]
-            owners = list(dict.fromkeys(plan for plan, _ in batch))  # in order, once each
-            error = _run_batch(model, batch, taper, size, dtype)
-            failed: dict[_Plan, BaseException] = {}
-            if error is not None and len(owners) == 1:
-                failed[owners[0]] = error
-            elif error is not None:
-                # Retry each image's tiles on their own, so that one image (too large, or
-                # whatever the model refuses) does not fail the others it was pooled with.
-                for plan in owners:
-                    own_error = _run_batch(model, [t for t in batch if t[0] is plan], taper, size, dtype)
-                    if own_error is not None:
-                        failed[plan] = own_error
-            for plan in failed:
-                plan.tiles_left = -1
-            while queue and queue[0][0].tiles_left < 0:  # a failed image's tiles still queued
-                queue.popleft()
-            for plan in owners:
-                if plan in failed:
-                    yield plan, failed[plan]
-                elif plan.tiles_left == 0:
-                    yield plan, _blended(plan)
-    finally:
-        model.train(was_training)
-
-
-def _run_batch(model, batch: list[tuple[_Plan, int]], taper, size: int, dtype) -> BaseException | None:
+def _run_batch(model, batch: list[tuple[_Work, int]], taper, size: int, dtype) -> BaseException | None:
     """Run tiles through the network and blend them in; the exception instead, nothing blended."""
     try:
         with torch.inference_mode():
-            tiles = torch.stack([_cut(plan, index, size) for plan, index in batch])
+            tiles = torch.stack([_cut(work.plan, index, size) for work, index in batch])
             outputs = _checked_output(model(tiles.to(dtype)), len(batch), size).float()
     except Exception as error:  # noqa: BLE001 -- the caller decides whose images fail
         return error
     with torch.inference_mode():
-        for (plan, index), tile_output in zip(batch, outputs):
-            _blend(plan, index, tile_output, taper, size)
+        for (work, index), tile_output in zip(batch, outputs):
+            _blend(work.plan, index, tile_output, taper, size)
     return None
 
 
@@ -705,19 +891,152 @@ def _with_masks(output: torch.Tensor, cfg: PredictConfig) -> Prediction:
     """Step 8 on a (3, H, W) network output."""
     flows = output[:2].cpu().numpy()
     cellprob = output[2].cpu().numpy()
-    masks = None
-    if cfg.compute_masks:
-        masks = flows_to_masks(
-            flows,
-            cellprob,
-            niter=cfg.niter_masks,
-            cellprob_threshold=cfg.cellprob_threshold,
-            flow_threshold=cfg.flow_threshold,
-            min_size=cfg.min_size,
-            max_size_fraction=cfg.max_size_fraction,
-        )
+    masks = _masks(flows, cellprob, cfg) if cfg.compute_masks else None
     diameter = None if cfg.diameter is None else float(cfg.diameter)
     return Prediction(masks=masks, flows=flows, cellprob=cellprob, diameter=diameter)
+
+
+def _masks(flows: np.ndarray, cellprob: np.ndarray, cfg: PredictConfig, min_size: int | None = None) -> np.ndarray:
+    """Masks of (2, Y, X) or (3, Z, Y, X) flows with the options of ``cfg``."""
+    masks = flows_to_masks(
+        flows,
+        cellprob,
+        niter=cfg.niter_masks,
+        cellprob_threshold=cfg.cellprob_threshold,
+        flow_threshold=cfg.flow_threshold,
+        min_size=cfg.min_size if min_size is None else min_size,
+        max_size_fraction=cfg.max_size_fraction,
+    )
+    return remove_edge_masks(masks) if cfg.exclude_on_edges else masks
+
+
+# Planes of a volume go through the 2-D path as they are: normalised and rescaled as a volume.
+_RAW = PredictConfig(normalize=False)
+# The planes of a (C, Z, Y, X) volume along Z, Y and X: (axis of the plane stack, the volume
+# axes the network's dy and dx are along), as Cellpose's core.run_3D (YX, ZY, ZX).
+_ORIENTATIONS = ((1, (1, 2)), (2, (0, 2)), (3, (0, 1)))
+
+
+def _flows_3d(model, image: torch.Tensor, cfg: PredictConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(3, Z, Y, X) summed flows and (Z, Y, X) summed cellprob of a (C, Z, Y, X) volume."""
+    depth, height, width = image.shape[1:]
+    anisotropy = 1.0 if cfg.anisotropy is None else float(cfg.anisotropy)
+    size = (int(depth * anisotropy * cfg.rescale), *scaled_size(height, width, cfg.rescale))
+    if min(size) < 1:
+        raise ValueError(
+            f"diameter {cfg.diameter} and anisotropy {cfg.anisotropy} shrink the {depth}x{height}x"
+            f"{width} volume to {size}; pass the cell diameter in pixels of this volume"
+        )
+    if size != (depth, height, width):
+        image = F.interpolate(image[None], size=size, mode="trilinear", align_corners=False)[0]
+    summed = torch.zeros((4, *size), dtype=torch.float32, device=image.device)
+    plane_cfg = dataclasses.replace(cfg, diameter=None, do_3d=False, normalize=False)
+    for axis, (along_y, along_x) in _ORIENTATIONS:
+        planes = image.movedim(axis, 1)  # (C, n, a, b): n planes of a x b
+        outputs = _run_planes(model, planes, plane_cfg).movedim(0, 1).movedim(1, axis)
+        summed[along_y] += outputs[0]
+        summed[along_x] += outputs[1]
+        summed[3] += outputs[2]
+    if size != (depth, height, width):
+        summed = F.interpolate(summed[None], size=(depth, height, width), mode="trilinear", align_corners=False)[0]
+    summed = summed.cpu().numpy()
+    return summed[:3], summed[3]
+
+
+def _run_planes(model, planes: torch.Tensor, cfg: PredictConfig) -> torch.Tensor:
+    """(n, 3, a, b) network outputs of the n planes of (C, n, a, b), their tiles batched together."""
+    works = (_Work(key=i, cfg=cfg, plan=_plan(model, planes[:, i], cfg)) for i in range(planes.shape[1]))
+    options = _StreamOptions(batch_size=cfg.batch_size, pool=True, overlap=False)
+    outputs = []
+    for work in _run_tiles(model, works, options):
+        if work.error is not None:
+            raise work.error
+        outputs.append(work.output)
+    return torch.stack(outputs)
+
+
+def _stitched_volume(model, image: torch.Tensor, cfg: PredictConfig) -> Prediction:
+    """2-D masks per plane of a (C, Z, Y, X) volume, stitched across planes by IoU."""
+    plane_cfg = dataclasses.replace(cfg, stitch_threshold=0.0, normalize=False)
+    flows, cellprobs, masks, diameters = [], [], [], []
+    planes = (image[:, z].permute(1, 2, 0).cpu().numpy() for z in range(image.shape[1]))
+    options = dict(pool=True, overlap=False)
+    for prediction in predict_many(model, planes, dataclasses.replace(plane_cfg, compute_masks=False), **options):
+        flows.append(prediction.flows)
+        cellprobs.append(prediction.cellprob)
+        if cfg.compute_masks:  # Cellpose's min_size is applied after stitching, in 3-D
+            masks.append(_masks(prediction.flows, prediction.cellprob, plane_cfg, min_size=0))
+    stitched = None
+    if cfg.compute_masks:
+        stitched = clean_masks(stitch_planes(np.stack(masks), cfg.stitch_threshold), cfg.min_size)
+    diameter = None if cfg.diameter is None else float(cfg.diameter)
+    return Prediction(masks=stitched, flows=np.stack(flows, axis=1), cellprob=np.stack(cellprobs), diameter=diameter)
+
+
+def stitch_planes(masks: np.ndarray, threshold: float) -> np.ndarray:
+    """Link the 2-D masks of consecutive planes of (Z, Y, X) labels by IoU (Cellpose's ``stitch3D``).
+
+    Plane by plane from the top: a mask of plane z + 1 takes the label of the mask of plane z
+    (already linked) with which its IoU is highest, if that IoU is at least ``threshold`` and
+    that mask has no better match in plane z + 1; otherwise it gets a new label. Returns
+    uint16 labels, uint32 once they pass 65,535.
+    """
+    masks = np.asarray(masks)
+    stitched = np.zeros(masks.shape, dtype=np.uint32)
+    stitched[0] = masks[0]
+    next_label = int(masks[0].max(initial=0)) + 1
+    for z in range(1, masks.shape[0]):
+        below, above = masks[z], stitched[z - 1]
+        n_below, n_above = int(below.max(initial=0)), int(above.max(initial=0))
+        if n_below == 0:
+            continue
+        new_ids = np.zeros(n_below + 1, dtype=np.uint32)
+        if n_above > 0:
+            iou = _iou_matrix(below, above, n_below, n_above)[1:, 1:]
+            iou[iou < threshold] = 0.0
+            iou[iou < iou.max(axis=0)] = 0.0  # each mask above keeps only its best match
+            new_ids[1:] = iou.argmax(axis=1) + 1
+            unmatched = np.nonzero(iou.max(axis=1) == 0.0)[0]
+        else:
+            unmatched = np.arange(n_below)
+        new_ids[unmatched + 1] = np.arange(next_label, next_label + unmatched.size)
+        next_label += unmatched.size
+        stitched[z] = new_ids[below]
+    return stitched.astype(np.uint16) if next_label <= 2**16 else stitched
+
+
+def _iou_matrix(a: np.ndarray, b: np.ndarray, n_a: int, n_b: int) -> np.ndarray:
+    """(n_a + 1, n_b + 1) IoU of every pair of labels of two label images (0 included)."""
+    overlap = np.bincount(
+        a.ravel().astype(np.int64) * (n_b + 1) + b.ravel(), minlength=(n_a + 1) * (n_b + 1)
+    ).reshape(n_a + 1, n_b + 1)
+    union = overlap.sum(axis=1, keepdims=True) + overlap.sum(axis=0, keepdims=True) - overlap
+    return overlap / np.maximum(union, 1)
+
+
+def remove_edge_masks(masks: np.ndarray) -> np.ndarray:
+    """``masks`` without the masks that touch the border, renumbered 1..N in label order.
+
+    ``masks``: (Y, X) or (Z, Y, X) unsigned labels, 0 = background.
+
+    Cellpose's ``utils.remove_edge_masks`` (its CLI's ``--exclude_on_edges``); the dtype is kept.
+
+    >>> remove_edge_masks(np.array([[1, 0, 0], [0, 2, 0], [0, 0, 0]], np.uint16)).tolist()
+    [[0, 0, 0], [0, 1, 0], [0, 0, 0]]
+    """
+    edge = np.zeros(masks.shape, dtype=bool)
+    for axis in range(masks.ndim):
+        index = [slice(None)] * masks.ndim
+        for end in (0, -1):
+            index[axis] = end
+            edge[tuple(index)] = True
+    n_labels = int(masks.max(initial=0))
+    keep = np.bincount(masks.ravel(), minlength=n_labels + 1) > 0  # present labels
+    keep[np.unique(masks[edge])] = False
+    keep[0] = False
+    new_ids = np.zeros(n_labels + 1, dtype=masks.dtype)
+    new_ids[keep] = np.arange(1, int(keep.sum()) + 1)
+    return new_ids[masks]
 
 
 def _flip(tile: torch.Tensor, flip_y: bool, flip_x: bool) -> torch.Tensor:
@@ -777,6 +1096,21 @@ def _checked_output(output, n_tiles: int, tile_size: int = TILE_SIZE) -> torch.T
             f"the model must return a tensor {expected} = (dy, dx, cellprob) per tile; got {got}"
         )
     return output
+
+
+def _checked_volume(volume) -> np.ndarray:
+    """(Z, Y, X) or (Z, Y, X, C <= 3) numeric array -> (Z, Y, X, C)."""
+    if not isinstance(volume, np.ndarray) or volume.dtype.kind not in "biuf":
+        what = volume.dtype if isinstance(volume, np.ndarray) else type(volume).__name__
+        raise TypeError(f"volume must be a bool, integer or float numpy array; got {what}")
+    if volume.ndim == 3:
+        volume = volume[..., np.newaxis]
+    if volume.ndim != 4 or not 1 <= volume.shape[3] <= 3 or 0 in volume.shape:
+        raise ValueError(
+            f"a volume must be (Z, Y, X) or (Z, Y, X, C) with 1 <= C <= 3; got shape {volume.shape}. "
+            "Read stacks with pipeline.io.read_stack, which returns this layout."
+        )
+    return volume
 
 
 def _checked_image(image) -> np.ndarray:

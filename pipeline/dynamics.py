@@ -39,7 +39,7 @@ from pipeline import _dynamics_kernels as _kernels
 from pipeline.flows import masks_to_flows
 from pipeline.model import FLOW_SCALE  # the network predicts flows of this length; QC uses unit flows
 
-__all__ = ["flows_to_masks"]
+__all__ = ["clean_masks", "flows_to_masks"]
 
 # A pixel has converged, and stops, when its last Euler step moved it less than this (pixels,
 # along every axis), or when it is back within this of where it was two steps before: near a
@@ -143,7 +143,18 @@ def flows_to_masks(
     masks = masks_flat.reshape(shape)
     if flow_threshold > 0 and masks.ndim == 2 and n_masks > 0:
         masks, n_masks = _remove_bad_flow_masks(masks, dP, flow_threshold, n_masks)
-    masks, n_masks = _remove_small_masks(masks, min_size)
+    return clean_masks(masks, min_size)
+
+
+def clean_masks(masks: np.ndarray, min_size: int = 15) -> np.ndarray:
+    """Drop masks under ``min_size`` pixels, fill holes, drop small masks again; renumber.
+
+    The last step of :func:`flows_to_masks` (Cellpose's ``fill_holes_and_remove_small_masks``),
+    also used on masks stitched across planes. ``masks``: (Y, X) or (Z, Y, X) labels. Returns
+    uint16 (uint32 past 65,535 masks), 1..N in raster order of their first pixel.
+    """
+    shape = masks.shape
+    masks, n_masks = _remove_small_masks(np.ascontiguousarray(masks, dtype=np.uint32), min_size)
     _kernels.fill_holes_numba(masks.reshape((-1,) + shape[-2:]), n_masks, masks.ndim == 3)
     masks, n_masks = _remove_small_masks(masks, min_size)
     return masks.astype(np.uint16) if n_masks < 2**16 else masks

@@ -32,6 +32,8 @@ Channel policy (the same for every format):
 5. A stack axis longer than 1 (a Z-stack, a time series, > 4 pages) raises ``ValueError`` naming
    the file and its axes, because this pipeline is 2-D, unless ``plane=i`` picks one plane. Only
    one stack axis can be picked; more than one, or more than one channel axis, raises.
+   ``read_stack`` keeps the stack axis instead: ``(N, H, W, C)``. ``channel_axis=`` and
+   ``z_axis=`` (indices into the stored array, as Cellpose's) fix those axes before this policy.
 6. The channels come out last, as stored, in the stored order. Grayscale images stored as RGB
    (the Cellpose cyto set keeps grayscale in the green channel, with red and blue 0) stay 3
    channels: nothing guesses which channel holds the signal.
@@ -88,6 +90,8 @@ __all__ = [
     "read_labels",
     "read_seg",
     "SEG_SUFFIX",
+    "read_labels_info",
+    "read_stack",
     "write_image",
     "write_labels",
 ]
@@ -162,6 +166,9 @@ def read_image(
     path: str | os.PathLike,
     channels: Sequence[int] | None = None,
     plane: int | None = None,
+    *,
+    channel_axis: int | None = None,
+    z_axis: int | None = None,
 ) -> np.ndarray:
     """Read one 2-D image as ``(H, W, C)``, ``C <= 3``, following the module's channel policy.
 
@@ -177,6 +184,10 @@ def read_image(
     plane : int, optional
         Index into the one stack axis (Z, T, or > 4 pages) of a stack. Required for stacks, and an
         error for files without a stack axis.
+    channel_axis, z_axis : int, optional
+        Index (negative counts from the end) of the stored array's channel axis and stack axis,
+        overriding the policy for those axes (Cellpose's ``channel_axis`` / ``z_axis``), e.g.
+        ``channel_axis=0`` for a plain TIFF of 5 channel pages.
 
     Returns
     -------
@@ -200,14 +211,60 @@ def read_image(
     mapped, so only the chosen plane is read.
     """
     path = _checked_path(path)
+    pixels, roles, alpha_index, stored = _decoded_roles(path, channel_axis, z_axis)
+    pixels = _select_plane(path, pixels, roles, plane, stored)
+    return _finished_image(path, _channels_last(pixels, roles), roles, channels, alpha_index)
+
+
+def read_stack(
+    path: str | os.PathLike,
+    channels: Sequence[int] | None = None,
+    *,
+    channel_axis: int | None = None,
+    z_axis: int | None = None,
+) -> tuple[np.ndarray, str | None]:
+    """Read an image or a stack of 2-D planes: ``(N, H, W, C)`` and the stack axis's letter.
+
+    The channel policy of :func:`read_image`, except that a stack axis (Z, T, pages) is kept
+    as the first axis instead of refused. A 2-D image gives ``N = 1`` and letter None; a stack
+    gives its axis's letter as the file names it (``Z``, ``T``; ``I``, ``Q`` or ``?`` for
+    unnamed pages and leading axes). ``channels``, ``channel_axis`` and ``z_axis`` as in
+    :func:`read_image`; the alpha rule looks at the whole stack.
+    """
+    path = _checked_path(path)
+    pixels, roles, alpha_index, _ = _decoded_roles(path, channel_axis, z_axis)
+    stack = next((i for i, r in enumerate(roles) if r.startswith("P")), None)
+    if stack is None:
+        image = _finished_image(path, _channels_last(pixels, roles), roles, channels, alpha_index)
+        return image[np.newaxis], None
+    letter = roles[stack].split(":")[1]
+    planes = np.moveaxis(pixels, stack, 0)
+    del roles[stack]
+    order = [0] + [1 + roles.index("Y"), 1 + roles.index("X")]
+    if "C" in roles:
+        order.append(1 + roles.index("C"))
+    planes = planes.transpose(order)
+    if planes.ndim == 3:
+        planes = planes[..., np.newaxis]
+    return _finished_image(path, planes, roles, channels, alpha_index), letter
+
+
+def _decoded_roles(
+    path: Path, channel_axis: int | None, z_axis: int | None
+) -> tuple[np.ndarray, list[str], int | None, str]:
+    """The file's pixels with length-1 axes dropped, each axis's role, alpha index, description."""
     pixels, axes, alpha_index = _decode(path, for_labels=False)
-    roles = _assign_roles(path, pixels.shape, axes)
+    roles = _assign_roles(path, pixels.shape, axes, channel_axis=channel_axis, z_axis=z_axis)
     stored = f"shape {pixels.shape}, axes {axes}"  # for messages, before axes are dropped
     kept = [i for i, role in enumerate(roles) if role != "1"]
     pixels = pixels.reshape([pixels.shape[i] for i in kept])
-    roles = [roles[i] for i in kept]
-    pixels = _select_plane(path, pixels, roles, plane, stored)
-    image = _channels_last(pixels, roles)
+    return pixels, [roles[i] for i in kept], alpha_index, stored
+
+
+def _finished_image(
+    path: Path, image: np.ndarray, roles: list[str], channels, alpha_index: int | None
+) -> np.ndarray:
+    """Channels chosen (channels last), bool as uint8, a plain in-memory array."""
     if "C" not in roles:
         alpha_index = None
     image = _choose_channels(path, image, channels, alpha_index)
@@ -469,14 +526,25 @@ _UNNAMED_LETTERS = "IQO?"
 _STACK_NAMES = {"Z": "Z (depth)", "T": "T (time)", "I": "page", "Q": "page", "?": "leading"}
 
 
-def _assign_roles(path: Path, shape: tuple[int, ...], axes: str) -> list[str]:
+def _assign_roles(
+    path: Path,
+    shape: tuple[int, ...],
+    axes: str,
+    *,
+    channel_axis: int | None = None,
+    z_axis: int | None = None,
+) -> list[str]:
     """Give each axis a role: ``Y``, ``X``, ``C`` (channel), ``P:<letter>`` (stack), ``1`` (drop).
 
-    Stack roles keep the file's letter (``P:Z``, ``P:I``) for error messages.
+    Stack roles keep the file's letter (``P:Z``, ``P:I``) for error messages. ``channel_axis``
+    and ``z_axis`` (indices into ``shape``) fix those two axes' roles before the policy runs.
     """
+    forced = _forced_roles(path, shape, axes, channel_axis, z_axis)
     roles: list[str] = []
-    for letter, n in zip(axes, shape):
-        if letter in "YX":
+    for index, (letter, n) in enumerate(zip(axes, shape)):
+        if index in forced:
+            roles.append(forced[index] if n > 1 else "1")
+        elif letter in "YX":
             roles.append(letter)
         elif n == 1:
             roles.append("1")
@@ -494,11 +562,11 @@ def _assign_roles(path: Path, shape: tuple[int, ...], axes: str) -> list[str]:
             "axis to choose from with plane=."
         )
 
-    kept = [i for i, r in enumerate(roles) if r != "1"]
+    kept = [i for i, r in enumerate(roles) if r != "1" and i not in forced]
     if "Y" not in roles:  # .npy: nothing is named, place Y and X by the channels-last rule
         if len(kept) < 2:
             raise wrong_shape("fewer than 2 dimensions longer than 1")
-        if len(kept) >= 3 and shape[kept[-1]] <= 4:
+        if len(kept) >= 3 and shape[kept[-1]] <= 4 and "C" not in roles:
             roles[kept[-3]], roles[kept[-2]], roles[kept[-1]] = "Y", "X", "C"
         else:
             roles[kept[-2]], roles[kept[-1]] = "Y", "X"
@@ -523,10 +591,33 @@ def _assign_roles(path: Path, shape: tuple[int, ...], axes: str) -> list[str]:
             roles[i] = f"P:{axes[i]}"
 
     if roles.count("C") > 1:
-        raise wrong_shape("more than one channel axis")
+        raise wrong_shape("more than one channel axis (name the channel axis with channel_axis=)")
     if sum(r.startswith("P") for r in roles) > 1:
         raise wrong_shape("more than one stack axis (only one can be chosen with plane=)")
     return roles
+
+
+def _forced_roles(
+    path: Path, shape: tuple[int, ...], axes: str, channel_axis: int | None, z_axis: int | None
+) -> dict[int, str]:
+    """Axis index -> role for the axes the caller names (``channel_axis``, ``z_axis``)."""
+    forced: dict[int, str] = {}
+    for name, index, role in (("channel_axis", channel_axis, "C"), ("z_axis", z_axis, "P:Z")):
+        if index is None:
+            continue
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"{name} must be an int axis index or None; got {index!r}")
+        if not -len(shape) <= index < len(shape):
+            raise ValueError(
+                f"{path}: {name}={index} is out of range for an array of shape {shape} "
+                f"(axes {axes}); use 0..{len(shape) - 1}"
+            )
+        index = int(index) % len(shape)
+        if index in forced or axes[index] in "YX":
+            what = "the other named axis" if index in forced else f"the file's {axes[index]} axis"
+            raise ValueError(f"{path}: {name}={index} is {what} (shape {shape}, axes {axes})")
+        forced[index] = role
+    return forced
 
 
 def _select_plane(
@@ -553,8 +644,8 @@ def _select_plane(
     if plane is None:
         raise ValueError(
             f"{path}: is a stack with a {name} axis of {n_planes} planes ({stored}); "
-            f"this pipeline reads 2-D images. Pass plane=<index> "
-            f"(0..{n_planes - 1}) to read one plane, or save the planes as separate files."
+            f"this reader takes one 2-D plane. Pass plane=<index> (--plane on the command line) "
+            f"(0..{n_planes - 1}) to read one plane, or read_stack to read them all."
         )
     if not 0 <= plane < n_planes:
         raise ValueError(
@@ -576,22 +667,23 @@ def _channels_last(pixels: np.ndarray, roles: list[str]) -> np.ndarray:
 def _choose_channels(
     path: Path, image: np.ndarray, channels: Sequence[int] | None, alpha_index: int | None
 ) -> np.ndarray:
-    n_channels = image.shape[2]
+    n_channels = image.shape[-1]
     if channels is not None:
-        return image[:, :, _checked_channel_indices(path, channels, image.shape)]
+        return image[..., _checked_channel_indices(path, channels, image.shape)]
     if alpha_index is None and n_channels == 4:
         alpha_index = 3  # an unmarked 4th channel is treated as a possible alpha
     alpha_note = ""
     if alpha_index is not None:
-        alpha = image[:, :, alpha_index]
+        alpha = image[..., alpha_index]
         if alpha.min() == alpha.max():
-            return np.delete(image, alpha_index, axis=2)
+            return np.delete(image, alpha_index, axis=-1)
         alpha_note = f" and channel {alpha_index} (alpha) is not constant"
     if n_channels > 3 or alpha_note:
         raise ValueError(
             f"{path}: has {n_channels} channels (image shape {image.shape}, channels last)"
             f"{alpha_note}; the model takes at most 3 and nothing is dropped silently. Pass "
-            "channels=[i, j, k] to choose up to 3 of them."
+            "channels=[i, j, k] (--channels i j k on the command line) to choose up to 3 of them, "
+            "or name the channel axis (channel_axis=, --channel-axis)."
         )
     return image
 
@@ -608,7 +700,7 @@ def _checked_channel_indices(
         raise TypeError(f"channels must be a list of int indices; got {indices!r}")
     if not 1 <= len(indices) <= 3:
         raise ValueError(f"channels must hold 1 to 3 indices; got {indices!r}")
-    n_channels = shape[2]
+    n_channels = shape[-1]
     if any(not 0 <= i < n_channels for i in indices):
         raise ValueError(
             f"{path}: channels={indices!r} is out of range for {n_channels} channels "
@@ -804,7 +896,9 @@ def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
         )
 
 
-def write_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
+def write_labels(
+    path: str | os.PathLike, labels: np.ndarray, *, axes: str | None = None, info: str | None = None
+) -> None:
     """Write an instance-label image as a zlib-compressed TIFF that Fiji and napari open.
 
     Parameters
@@ -812,7 +906,13 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
     path : str or os.PathLike
         Target ``.tif`` / ``.tiff``; its directory must exist. Replaced atomically.
     labels : np.ndarray
-        ``(H, W)`` bool or integer, ids >= 0, 0 = background.
+        ``(H, W)`` bool or integer, ids >= 0, 0 = background; or a stack ``(N, H, W)``.
+    axes : str, optional
+        ImageJ's axis letters: ``YX`` for an image (the default), ``ZYX`` (the default for a
+        stack) or ``TYX``; Fiji opens a stack as a stack (a hyperstack along Z or T).
+    info : str, optional
+        Text kept in the file (ImageJ's ``Info`` property, Fiji's Image > Show Info); read it
+        back with :func:`read_labels_info`.
 
     Notes
     -----
@@ -829,23 +929,53 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray) -> None:
             f"labels must be a bool or integer array of instance ids; got {labels.dtype}. "
             "Round and cast float labels explicitly."
         )
-    if labels.ndim != 2 or 0 in labels.shape:
-        raise ValueError(f"labels must be (H, W) with no empty axis; got shape {labels.shape}")
+    if labels.ndim not in (2, 3) or 0 in labels.shape:
+        raise ValueError(
+            f"labels must be (H, W) or a stack (N, H, W) with no empty axis; got shape {labels.shape}"
+        )
+    axes = axes or ("YX" if labels.ndim == 2 else "ZYX")
+    if len(axes) != labels.ndim or axes[-2:] != "YX" or axes[:-2] not in ("", "Z", "T"):
+        raise ValueError(f"axes must be YX, ZYX or TYX for labels of shape {labels.shape}; got {axes!r}")
     smallest, largest = int(labels.min()), int(labels.max())
     if smallest < 0:
         raise ValueError(f"label ids must be >= 0 (0 = background); found {smallest}")
     if largest > _UINT32_MAX:
         raise ValueError(f"label id {largest} does not fit uint32; renumber the labels")
     if largest <= _UINT16_MAX:
+        metadata = {"axes": axes} | ({} if info is None else {"Info": info})
         _write_tiff_atomically(
-            path, labels.astype(np.uint16), imagej=True, compression="zlib",
-            metadata={"axes": "YX"},
+            path, labels.astype(np.uint16), imagej=True, compression="zlib", metadata=metadata
         )
     else:
+        # tifffile keeps extra metadata keys in its JSON description (shaped_metadata).
+        metadata = {"axes": axes} | ({} if info is None else {_INFO_KEY: info})
         _write_tiff_atomically(
             path, labels.astype(np.uint32), photometric="minisblack", compression="zlib",
-            metadata={"axes": "YX"},
+            metadata=metadata,
         )
+
+
+_INFO_KEY = "info"
+
+
+def read_labels_info(path: str | os.PathLike) -> str | None:
+    """The ``info`` text :func:`write_labels` kept in a label TIFF; None if it has none.
+
+    Reads only the header, not the pixels.
+    """
+    path = _checked_path(path)
+    if _FORMAT_BY_SUFFIX[path.suffix.lower()] != "TIFF":
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if tif.is_imagej:
+                info = (tif.imagej_metadata or {}).get("Info")
+            else:
+                shaped = tif.shaped_metadata or ({},)
+                info = shaped[0].get(_INFO_KEY)
+    except _DECODE_ERRORS as exc:
+        raise ValueError(f"{path}: cannot read this TIFF's header ({type(exc).__name__}: {exc})") from exc
+    return info if isinstance(info, str) else None
 
 
 def _checked_tiff_target(path: str | os.PathLike) -> Path:

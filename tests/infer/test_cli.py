@@ -45,9 +45,10 @@ def run_infer(args, cwd, launcher=(sys.executable, "-m", "infer")):
 
 
 def read_summary(path, input_root) -> dict:
-    """summary.csv rows keyed by the input's path relative to ``input_root``."""
+    """The last run's summary.csv rows keyed by the input's path relative to ``input_root``."""
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
+    rows = [row for row in rows if row["run_started"] == rows[-1]["run_started"]]  # runs append
     return {Path(row["file"]).relative_to(input_root).as_posix(): row for row in rows}
 
 
@@ -115,6 +116,12 @@ def test_option_list_is_pinned():
         "--no-save-rois", "--save-seg", "--no-save-seg", "--channels", "--device", "--precision", "--diameter", "--augment", "--no-augment",
         "--tile-overlap", "--batch-size", "--normalize", "--no-normalize", "--niter",
         "--cellprob-threshold", "--flow-threshold", "--min-size", "--max-size-fraction",
+        "--recursive", "--no-recursive", "--look-one-level-down", "--no-look-one-level-down",
+        "--save-png", "--no-save-png", "--channel-axis", "--z-axis", "--plane",
+        "--norm-percentile", "--exclude-on-edges", "--no-exclude-on-edges",
+        "--do-3d", "--no-do-3d", "--anisotropy", "--flow3d-smooth", "--stitch-threshold",
+        # Cellpose's spellings (hidden from the help, listed in its epilog):
+        *cli.CELLPOSE_FLAGS.keys() - {"--diameter", "--niter", "--augment", "--anisotropy"},
     ])
 
 
@@ -422,11 +429,15 @@ def test_read_ahead_thread_ends_when_the_consumer_stops(tmp_path):
              for i in range(20)]
     jobs = [cli._Job(path, Path(path.name)) for path in files]
     config = cli.InferConfig(inputs=(str(tmp_path),), checkpoint="unused", out=str(tmp_path / "out"))
-    stream = cli._read_ahead(jobs, config)
-    (item, image), _ = next(stream), next(stream)
-    assert item.job is jobs[0] and image[0, 0] == 0
+    stream = cli._read_ahead(jobs, cli._Run(config, settings={}, run_started="now"))
+    ((item, plane), image), _ = next(stream), next(stream)
+    assert item.job is jobs[0] and plane is None and image[0, 0] == 0
     stream.close()  # the consumer stops with the reader blocked on a full queue
     assert not any(t.name == "read-ahead" for t in threading.enumerate())
+    # A failure of the reader itself reaches the consumer instead of leaving it waiting.
+    stream = cli._read_ahead(jobs, "not a run")
+    with pytest.raises(AttributeError):
+        next(stream)
 
 
 def test_outputs_beside_the_images_are_not_taken_as_inputs(tmp_path, checkpoint):
@@ -488,3 +499,210 @@ def test_torchrun_splits_files_over_ranks(tmp_path, checkpoint):
     # Both ranks had work (the split depends only on the file sizes).
     jobs = _find_jobs([tmp_path / "in"], tmp_path / "out", "*")
     assert all(_share(jobs, rank, 2) for rank in range(2))
+
+
+# ------------------------------------------------------------------------------------------------
+# Cellpose's habits: its flag names, search depth, reruns with other settings, stacks
+# ------------------------------------------------------------------------------------------------
+
+
+def test_cellpose_flag_names_parse_as_ours(monkeypatch):
+    # Flags as cellpose/cli.py (4.2.1) spells them, read as Cellpose reads them: --diameter 0 is
+    # Cellpose 3's "estimate it", --niter 0 the automatic 200 / rescale, --min_size -1 keeps all.
+    seen = {}
+    monkeypatch.setattr(cli, "run", lambda cfg: seen.setdefault("cfg", cfg) and 0)
+    cli.main(["--dir", "d1", "--image_path", "x.tif", "--pretrained_model", "m.pt", "--savedir", "o",
+              "--img_filter", "_img", "--look_one_level_down", "--channel_axis", "0", "--z_axis", "1",
+              "--diameter", "0", "--flow_threshold", "0.3", "--cellprob_threshold", "-1.5",
+              "--min_size", "-1", "--niter", "0", "--batch_size", "4", "--no_norm",
+              "--norm_percentile", "2", "98", "--exclude_on_edges", "--save_png", "--save_flows",
+              "--save_outlines", "--save_rois"])
+    cfg = seen["cfg"]
+    assert (cfg.inputs, cfg.checkpoint, cfg.out, cfg.glob) == (("d1", "x.tif"), "m.pt", "o", "*_img.*")
+    assert (cfg.look_one_level_down, cfg.channel_axis, cfg.z_axis) == (True, 0, 1)
+    assert cfg.save_png and cfg.save_flows and cfg.save_outlines and cfg.save_rois
+    p = cfg.predict
+    assert (p.diameter, p.flow_threshold, p.cellprob_threshold, p.min_size, p.niter) == ("auto", 0.3, -1.5, -1, None)
+    assert (p.batch_size, p.normalize, p.norm_percentile, p.exclude_on_edges) == (4, False, (2.0, 98.0), True)
+    # Our spellings of the same values give the same config.
+    seen.clear()
+    cli.main(["d1", "x.tif", "--checkpoint", "m.pt", "--out", "o", "--glob", "*_img.*",
+              "--look-one-level-down", "--channel-axis", "0", "--z-axis", "1", "--diameter", "0",
+              "--flow-threshold", "0.3", "--cellprob-threshold", "-1.5", "--min-size", "-1",
+              "--niter", "0", "--batch-size", "4", "--no-normalize", "--norm-percentile", "2", "98",
+              "--exclude-on-edges", "--save-png", "--save-flows", "--save-outlines", "--save-rois"])
+    assert seen["cfg"] == cfg
+    assert "--flow_threshold = --flow-threshold" in " = ".join(_parser().format_help().split())
+    seen.clear()
+    cli.main(["x.tif", "--pretrained_model", "m.pt", "--savedir", "o", "--use_gpu", "--do_3D",
+              "--anisotropy", "2.5", "--flow3D_smooth", "1.5"])
+    assert seen["cfg"].device == "cuda"
+    assert (seen["cfg"].predict.do_3d, seen["cfg"].predict.anisotropy, seen["cfg"].predict.flow3d_smooth) == (True, 2.5, 1.5)
+
+
+def test_cellpose_flags_that_disagree_or_are_missing_are_usage_errors(capsys):
+    for args, message in [
+        (["a.tif", "--savedir", "o"], "required: --checkpoint (or --pretrained_model)"),
+        (["a.tif", "--pretrained_model", "m.pt"], "required: --out (or --savedir)"),
+        (["a.tif", "--checkpoint", "m", "--out", "o", "--img_filter", "_a", "--glob", "b*"], "--img_filter and --glob"),
+        (["--checkpoint", "m", "--out", "o"], "name at least one image"),
+        (["a.tif", "--checkpoint", "m", "--out", "o", "--save_txt"], "unrecognized arguments: --save_txt"),
+        (["a.tif", "--checkpoint", "m", "--out", "o", "--do_3D", "--stitch_threshold", "0.5"], "pick one"),
+        (["a.tif", "--checkpoint", "m", "--out", "o", "--do_3D", "--plane", "1"], "plane picks one"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(args)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_search_depth_and_files_named_like_outputs(tmp_path):
+    for name in ["x.tif", "a/y.tif", "a/b/z.tif", "x_cp_masks.png", "x_seg.npy", "x_flows.tif"]:
+        touch(tmp_path / "in" / name)
+    folder, out = tmp_path / "in", tmp_path / "out"
+    assert relatives(_find_jobs([folder], out, "*", depth=0)) == ["x.tif"]  # Cellpose's default
+    assert relatives(_find_jobs([folder], out, "*", depth=1)) == ["a/y.tif", "x.tif"]  # one level down
+    assert relatives(_find_jobs([folder], out, "*")) == ["a/b/z.tif", "a/y.tif", "x.tif"]
+    # Named on the command line, a masks file is taken and fails with the reason (never run).
+    (job,) = _find_jobs([folder / "x_cp_masks.png"], out, "*")
+    assert "named like a mask or an output" in job.error and "_masks.png" in job.error
+
+
+def test_unusable_out_is_a_usage_error_before_the_model_loads(tmp_path, checkpoint, caplog, monkeypatch):
+    write_inputs(tmp_path / "in")
+    loads = []
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: loads.append(1))
+    image = tmp_path / "in" / "a" / "x.tif"
+    touch(tmp_path / "file")
+    for out, message in [(tmp_path / "file", "is a file"), (image, "is a file"),
+                         (tmp_path / "file" / "sub", "cannot be created")]:
+        assert cli.main([str(image), "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+        assert message in caplog.records[-1].getMessage()
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert cli.main([str(image), "--checkpoint", str(checkpoint), "--out", str(locked / "o")]) == 2
+        assert "not writable" in caplog.records[-1].getMessage()
+    assert loads == []
+
+
+def test_rerun_with_other_settings_redoes_and_summary_keeps_earlier_runs(tmp_path, checkpoint, caplog):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(2):
+        tifffile.imwrite(folder / f"{i}.tif", generate("nuclei", (80, 90), seed=i)[0][..., 0])
+    args = [str(folder), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"),
+            "--precision", "fp32", *MASK_OPTIONS]
+    caplog.set_level("INFO", logger="infer")
+    assert cli.main(args) == 0
+    assert cli.main(args) == 0  # same settings: skipped
+    assert cli.main([*args, "--cellprob-threshold", "2.0"]) == 0  # other settings: redone
+    with open(tmp_path / "out" / "summary.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [row["status"] for row in rows] == ["ok", "ok", "skipped", "skipped", "ok", "ok"]
+    assert len({row["run_started"] for row in rows}) >= 2 and all(row["run_started"] for row in rows)
+    settings = [json.loads(row["settings"]) for row in rows]
+    assert [s["cellprob_threshold"] for s in settings] == [0.0] * 4 + [2.0] * 2
+    assert settings[0]["checkpoint"] == str(checkpoint.resolve())
+    assert rows[2]["n_cells"] == rows[0]["n_cells"] and rows[2]["size"] == "80x90"
+    assert "cellprob_threshold 0.0 -> 2.0" in caplog.text
+    # The masks file holds the settings that made it (Fiji: Image > Show Info).
+    from pipeline.io import read_labels_info
+    info = json.loads(read_labels_info(tmp_path / "out" / "0_masks.tif"))
+    assert info["settings"]["cellprob_threshold"] == 2.0
+    last = [r.getMessage() for r in caplog.records][-1]
+    assert "2 images in" in last and "2 done, 0 skipped, 0 failed" in last
+
+
+def test_an_old_summary_layout_keeps_its_rows(tmp_path, checkpoint):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tifffile.imwrite(folder / "x.tif", generate("nuclei", (60, 70), seed=4)[0][..., 0])
+    (tmp_path / "out").mkdir()
+    old = "file,size,n_cells,diameter,seconds,status,error\n/old/y.tif,10x10,3,,0.1,ok,\n"
+    (tmp_path / "out" / "summary.csv").write_text(old)
+    assert cli.main([str(folder), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")]) == 0
+    with open(tmp_path / "out" / "summary.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [row["file"] for row in rows] == ["/old/y.tif", str(folder / "x.tif")]
+    assert rows[0]["settings"] == "" and rows[1]["settings"]
+
+
+@pytest.mark.parametrize("axes", ["TYX", "ZYX"])
+def test_stacks_are_segmented_plane_by_plane_into_a_label_stack(tmp_path, checkpoint, axes):
+    planes = np.stack([generate("nuclei", (70, 90), seed=s)[0][..., 0] for s in range(3)])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tifffile.imwrite(folder / "s.tif", planes, imagej=True, metadata={"axes": axes})
+    args = [str(folder), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"),
+            "--precision", "fp32", "--save-flows", *MASK_OPTIONS]
+    assert cli.main(args) == 0
+    model = load_model(checkpoint, device="cpu", dtype=torch.float32)
+    options = PredictConfig(flow_threshold=0.0, min_size=0)
+    expected = [predict(model, plane, options) for plane in planes]
+    with tifffile.TiffFile(tmp_path / "out" / "s_masks.tif") as tif:
+        assert tif.is_imagej and tif.series[0].axes == axes  # Fiji opens it as a stack
+        masks = tif.asarray()
+    np.testing.assert_array_equal(masks, np.stack([e.masks for e in expected]))
+    flows = np.load(tmp_path / "out" / "s_flows.npy")
+    assert flows.shape == (2, 3, 70, 90)  # (dy, dx) per plane, as Cellpose's dP
+    np.testing.assert_allclose(flows[:, 1], expected[1].flows, atol=1e-5)
+    with open(tmp_path / "out" / "summary.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["size"] == "3x70x90" and int(row["n_cells"]) == sum(len(np.unique(e.masks)) - 1 for e in expected)
+    assert cli.main(args) == 0  # done: skipped
+    # --plane picks one plane: 2-D masks, into another folder.
+    assert cli.main([*args[:4], str(tmp_path / "one"), *args[5:], "--plane", "2"]) == 0
+    np.testing.assert_array_equal(read_labels(tmp_path / "one" / "s_masks.tif"), expected[2].masks)
+
+
+def test_a_plain_tiff_of_five_channels_takes_channel_axis_and_channels(tmp_path, checkpoint, caplog):
+    channels = np.stack([generate("nuclei", (60, 80), seed=s)[0][..., 0] for s in range(5)])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tifffile.imwrite(folder / "five.tif", channels)  # 5 pages: a stack by the file's look
+    args = [str(folder), "--checkpoint", str(checkpoint), "--precision", "fp32", *MASK_OPTIONS]
+    assert cli.main([*args, "--out", str(tmp_path / "o1"), "--channel-axis", "0", "--channels", "4", "0"]) == 0
+    model = load_model(checkpoint, device="cpu", dtype=torch.float32)
+    expected = predict(model, channels[[4, 0]].transpose(1, 2, 0), PredictConfig(flow_threshold=0.0, min_size=0))
+    np.testing.assert_array_equal(read_labels(tmp_path / "o1" / "five_masks.tif"), expected.masks)
+    # Without --channels: 5 channels is too many, and the message names the flags.
+    assert cli.main([*args, "--out", str(tmp_path / "o2"), "--channel-axis", "0"]) == 1
+    assert "--channels" in caplog.text and "five.tif" in caplog.text
+
+
+def test_exclude_on_edges_drops_masks_touching_the_border(tmp_path, checkpoint):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tifffile.imwrite(folder / "x.tif", generate("nuclei", (120, 140), seed=8)[0][..., 0])
+    args = [str(folder), "--checkpoint", str(checkpoint), "--precision", "fp32", *MASK_OPTIONS]
+    assert cli.main([*args, "--out", str(tmp_path / "all"), "--save-png"]) == 0
+    assert cli.main([*args, "--out", str(tmp_path / "inner"), "--exclude-on-edges"]) == 0
+    from infer.predict import remove_edge_masks
+    every = read_labels(tmp_path / "all" / "x_masks.tif")
+    np.testing.assert_array_equal(read_labels(tmp_path / "inner" / "x_masks.tif"), remove_edge_masks(every))
+    np.testing.assert_array_equal(read_labels(tmp_path / "all" / "x_masks.png"), every)
+
+
+@pytest.mark.slow  # the 3-D mask kernels compile on first use (~40 s on cpu-2)
+@pytest.mark.parametrize("mode", [["--do-3d"], ["--stitch_threshold", "0.3"]])
+def test_do_3d_and_stitching_write_one_3d_label_volume(tmp_path, checkpoint, mode):
+    volume = np.stack([generate("nuclei", (48, 56), seed=s)[0][..., 0] for s in range(4)])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tifffile.imwrite(folder / "v.tif", volume, imagej=True, metadata={"axes": "ZYX"})
+    tifffile.imwrite(folder / "flat.tif", volume[0])
+    args = [str(folder), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"),
+            "--precision", "fp32", "--save-flows", *MASK_OPTIONS, *mode]
+    assert cli.main(args) == 1  # the 2-D image fails with its reason, the volume is done
+    model = load_model(checkpoint, device="cpu", dtype=torch.float32)
+    options = PredictConfig(flow_threshold=0.0, min_size=0, do_3d=mode == ["--do-3d"],
+                            stitch_threshold=0.0 if mode == ["--do-3d"] else 0.3)
+    expected = predict(model, volume, options)
+    with tifffile.TiffFile(tmp_path / "out" / "v_masks.tif") as tif:
+        assert tif.is_imagej and tif.series[0].axes == "ZYX"
+        np.testing.assert_array_equal(tif.asarray(), expected.masks)
+    assert np.load(tmp_path / "out" / "v_flows.npy").shape == expected.flows.shape
+    rows = read_summary(tmp_path / "out" / "summary.csv", folder)
+    assert rows["v.tif"]["status"] == "ok" and rows["v.tif"]["size"] == "4x48x56"
+    assert rows["flat.tif"]["status"] == "failed" and "2-D image" in rows["flat.tif"]["error"]

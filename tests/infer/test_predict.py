@@ -36,6 +36,7 @@ from infer.predict import (
     predict_many,
     predict_stream,
     predict_tiles,
+    predict_volume,
     taper_weights,
     tile_grid,
     tile_starts,
@@ -825,3 +826,174 @@ def test_load_model_errors_name_the_file(tmp_path):
     (tmp_path / "m.json").write_text(json.dumps({"step": 3}))
     with pytest.raises(ValueError, match="m.json"):
         load_model(tmp_path / "m.pt")
+
+
+# ------------------------------------------------------------------------------------------------
+# Stream records, progress, and Cellpose's CLI options kept in PredictConfig
+# ------------------------------------------------------------------------------------------------
+
+
+def test_skipped_items_pass_through_in_order_without_the_network():
+    from infer.predict import Skip
+
+    images = mixed_images(3)
+    net = CallCountingNet().eval()
+    items = [("a", images[0]), ("b", Skip("row of b")), ("c", images[1]), ("d", Skip(None))]
+    for pool, overlap in ((False, False), (True, True)):
+        results = list(predict_stream(net, items, raw(batch_size=3), pool=pool, overlap=overlap, then=lambda k, p: k))
+        assert results == [("a", "a"), ("b", "row of b"), ("c", "c"), ("d", None)]
+
+
+def test_on_tiles_reports_every_tile_run():
+    calls = []
+    images = [np.zeros((520, 520), np.float32), np.zeros((100, 100), np.float32)]  # 9 + 1 tiles
+    list(predict_stream(ConvNet().eval(), enumerate(images), raw(batch_size=4), pool=True,
+                        on_tiles=lambda run, planned: calls.append((run, planned))))
+    assert calls[-1] == (10, 10)
+    assert [run for run, _ in calls] == sorted({run for run, _ in calls})  # grows each call
+    assert all(run <= planned for run, planned in calls)
+
+
+@pytest.mark.reference
+def test_remove_edge_masks_matches_cellpose():
+    utils = pytest.importorskip("cellpose.utils")
+    from infer.predict import remove_edge_masks
+
+    rng = np.random.default_rng(0)
+    for shape in [(30, 40), (8, 30, 40)]:
+        masks = np.zeros(shape, np.uint16)
+        for label in range(1, 40):  # boxes, some on the border, some overlapping later ones
+            corner = [rng.integers(0, n - 3) for n in shape]
+            masks[tuple(slice(c, c + int(rng.integers(2, 8))) for c in corner)] = label
+        ours = remove_edge_masks(masks)
+        np.testing.assert_array_equal(ours, utils.remove_edge_masks(masks.copy()))
+        assert ours.dtype == masks.dtype and 0 < ours.max() < masks.max()
+
+
+def test_norm_percentile_is_passed_to_the_normalisation():
+    image = np.random.default_rng(2).random((60, 70, 3)).astype(np.float32) * 100
+    from pipeline.io import normalize_percentile
+
+    for bounds in [(1.0, 99.0), (5.0, 95.0)]:
+        cfg = PredictConfig(compute_masks=False, norm_percentile=bounds)
+        ours = stitched(predict(PixelNet(), image, cfg))
+        reference = stitched(predict(PixelNet(), normalize_percentile(image, *bounds), raw()))
+        np.testing.assert_allclose(ours, reference, atol=1e-5)
+    with pytest.raises(ValueError, match="norm_percentile"):
+        PredictConfig(norm_percentile=(99.0, 1.0))
+
+
+def test_exclude_on_edges_applies_to_the_masks(monkeypatch):
+    masks = np.zeros((100, 100), np.uint16)
+    masks[0:5, 0:5], masks[40:50, 40:50], masks[95:, 50:60] = 1, 2, 3
+    monkeypatch.setattr(predict_module, "flows_to_masks", lambda dP, cellprob, **_: masks.copy())
+    prediction = predict(ConstantNet(), np.ones((100, 100), np.float32), PredictConfig(exclude_on_edges=True))
+    assert np.unique(prediction.masks).tolist() == [0, 1] and (prediction.masks == 1).sum() == 100
+
+
+# ------------------------------------------------------------------------------------------------
+# Volumes: do_3d (Cellpose 4's eval(do_3D=True)) and stitch_threshold
+# ------------------------------------------------------------------------------------------------
+
+
+def cellpose_model_around(net):
+    """A CellposeModel whose network is ``net`` (Cellpose's eval, not its weights loading)."""
+    models = pytest.importorskip("cellpose.models")
+    model = models.CellposeModel.__new__(models.CellposeModel)
+    model.net = CellposeAdapter(net)
+    model.device, model.backbone, model.timing = torch.device("cpu"), "sam_vitl", False
+    return model
+
+
+@pytest.mark.reference
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [{}, {"anisotropy": 2.0}, {"diameter": 45.0, "flow3D_smooth": 1.0}])
+def test_volume_flows_match_cellpose_eval_do_3d(options):
+    # The same network in Cellpose 4's eval(do_3D=True) (normalisation over the volume, Z
+    # rescaled by the anisotropy, the network on YX, ZY and ZX planes, flow components and the
+    # three cellprobs summed, resized back, smoothed) and in predict_volume: the same summed
+    # flows and cellprob, to the 2-D test's tolerance (5e-5 after a resize).
+    net = ConvNet().eval()
+    volume = (np.random.default_rng(0).random((6, 40, 50, 3)) * 1000).astype(np.float32)
+    _, flows, _ = cellpose_model_around(net).eval(volume, do_3D=True, z_axis=0, channel_axis=3, **options)
+    ours = predict_volume(net, volume, PredictConfig(
+        do_3d=True, anisotropy=options.get("anisotropy"), diameter=options.get("diameter"),
+        flow3d_smooth=options.get("flow3D_smooth", 0.0)))
+    assert ours.flows.shape == flows[1].shape == (3, 6, 40, 50)
+    tolerance = 1e-6 if not options else 5e-5
+    np.testing.assert_allclose(ours.flows, flows[1], atol=tolerance * np.abs(flows[1]).max())
+    np.testing.assert_allclose(ours.cellprob, flows[2], atol=tolerance * np.abs(flows[2]).max())
+
+
+def test_volume_planes_are_summed_with_their_flow_axes():
+    # PixelNet returns (c0, c1, c0 + 2 c1 + 4 c2) per pixel: with channels (z, y, x) ramps, every
+    # orientation's dy / dx land on the volume axes they run along (paper.md 2c: the matching
+    # flow components summed), and the cellprob is three times the 2-D one.
+    depth, height, width = 5, 20, 30
+    z, y, x = np.indices((depth, height, width), dtype=np.float32)
+    volume = np.stack([z, y, x], axis=-1)
+    ours = predict_volume(PixelNet(), volume, PredictConfig(do_3d=True, normalize=False, compute_masks=False))
+    # YX planes: dy = c0 = z along y, dx = c1 = y along x; ZY planes (along X): dy -> Z gets c0
+    # (z), dx -> Y gets c1 (y); ZX planes (along Y): dy -> Z gets c0, dx -> X gets c1.
+    np.testing.assert_allclose(ours.flows[0], 2 * z, atol=1e-5)
+    np.testing.assert_allclose(ours.flows[1], z + y, atol=1e-5)
+    np.testing.assert_allclose(ours.flows[2], y + y, atol=1e-5)
+    np.testing.assert_allclose(ours.cellprob, 3 * (z + 2 * y + 4 * x), atol=1e-4)
+
+
+@pytest.mark.reference
+def test_stitch_planes_matches_cellpose_stitch3d():
+    utils = pytest.importorskip("cellpose.utils")
+    from infer.predict import stitch_planes
+
+    rng = np.random.default_rng(1)
+    for threshold in (0.1, 0.25, 0.6):
+        masks = np.zeros((6, 40, 40), np.uint16)
+        for z in range(6):
+            if z == 2:
+                continue  # an empty plane in between
+            for label in range(1, 8):
+                y0, x0 = rng.integers(0, 32, 2)
+                masks[z, y0 : y0 + int(rng.integers(3, 9)), x0 : x0 + int(rng.integers(3, 9))] = label
+        ours = stitch_planes(masks, threshold)
+        np.testing.assert_array_equal(ours, utils.stitch3D(masks.copy(), stitch_threshold=threshold))
+
+
+def test_stitched_volume_links_a_column_of_squares(monkeypatch):
+    # flows_to_masks stands in: the same square on every plane, shifted by one pixel per plane
+    # (IoU 0.8 between neighbours): stitched into one 3-D mask at threshold 0.5, not at 0.9.
+    def fake(dP, cellprob, niter, **options):
+        masks = np.zeros(cellprob.shape, np.uint16)
+        shift = int(round(float(cellprob.mean()) * 0 + fake.calls))
+        masks[10 + shift : 20 + shift, 10:20] = 1
+        fake.calls += 1
+        return masks
+
+    monkeypatch.setattr(predict_module, "flows_to_masks", fake)
+    volume = np.ones((4, 50, 50), np.float32)
+    for threshold, n_masks in ((0.5, 1), (0.9, 4)):
+        fake.calls = 0
+        prediction = predict(ConstantNet(), volume, PredictConfig(stitch_threshold=threshold, min_size=0))
+        assert prediction.masks.shape == (4, 50, 50) and prediction.flows.shape == (2, 4, 50, 50)
+        assert prediction.masks.max() == n_masks
+
+
+def test_volume_options_are_checked():
+    with pytest.raises(ValueError, match="pick one"):
+        PredictConfig(do_3d=True, stitch_threshold=0.5)
+    with pytest.raises(ValueError, match="auto"):
+        PredictConfig(do_3d=True, diameter="auto")
+    with pytest.raises(ValueError, match="anisotropy"):
+        PredictConfig(do_3d=True, anisotropy=0)
+    with pytest.raises(ValueError, match=r"\(Z, Y, X\)"):
+        predict(ConstantNet(), np.ones((5, 5), np.float32), PredictConfig(do_3d=True))
+
+
+def test_a_stream_of_volumes_keeps_order_failures_and_then():
+    volumes = [np.random.default_rng(i).random((3, 30, 40, 3)).astype(np.float32) for i in range(2)]
+    items = [("a", volumes[0]), ("b", OSError("unreadable")), ("c", np.ones((5, 5), np.float32)), ("d", volumes[1])]
+    cfg = PredictConfig(do_3d=True, normalize=False, compute_masks=False)
+    results = list(predict_stream(ConvNet().eval(), items, cfg, then=lambda key, p: (key, p.flows.shape)))
+    assert [key for key, _ in results] == ["a", "b", "c", "d"]
+    assert results[0][1] == ("a", (3, 3, 30, 40)) and results[3][1] == ("d", (3, 3, 30, 40))
+    assert isinstance(results[1][1], OSError) and isinstance(results[2][1], ValueError)

@@ -775,7 +775,9 @@ def test_write_labels_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="uint32"):
         write_labels(tmp_path / "m.tif", np.full((4, 4), 2**32, np.int64))
     with pytest.raises(ValueError, match=r"\(H, W\)"):
-        write_labels(tmp_path / "m.tif", np.zeros((2, 4, 4), np.uint16))
+        write_labels(tmp_path / "m.tif", np.zeros((2, 2, 4, 4), np.uint16))
+    with pytest.raises(ValueError, match="axes"):
+        write_labels(tmp_path / "m.tif", np.zeros((2, 4, 4), np.uint16), axes="CYX")
     with pytest.raises(ValueError, match="TIFF"):
         write_labels(tmp_path / "m.png", np.zeros((4, 4), np.uint16))
     with pytest.raises(FileNotFoundError):
@@ -967,3 +969,72 @@ def test_read_seg_refuses_bad_files_and_code(tmp_path):
     np.save(tmp_path / "evil_seg.npy", np.array({"masks": np.zeros((4, 4)), "x": RunsCode()}, dtype=object))
     with pytest.raises(ValueError, match="refusing to unpickle builtins.print"):
         read_seg(tmp_path / "evil_seg.npy")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stacks: read_stack, label stacks with their info text
+# ---------------------------------------------------------------------------------------------
+
+
+def test_read_stack_keeps_the_stack_axis_first(tmp_path):
+    from pipeline.io import read_stack
+
+    rng = np.random.default_rng(0)
+    timelapse = rng.integers(0, 1000, (4, 2, 30, 40), dtype=np.uint16)  # T, C, Y, X
+    tifffile.imwrite(tmp_path / "t.tif", timelapse, imagej=True, metadata={"axes": "TCYX"})
+    planes, letter = read_stack(tmp_path / "t.tif")
+    assert letter == "T" and planes.shape == (4, 30, 40, 2)
+    np.testing.assert_array_equal(planes, timelapse.transpose(0, 2, 3, 1))
+    # Each plane is what read_image gives for it.
+    for index in range(4):
+        np.testing.assert_array_equal(planes[index], read_image(tmp_path / "t.tif", plane=index))
+    # A 2-D image is a stack of one, without a letter.
+    tifffile.imwrite(tmp_path / "one.tif", timelapse[0, 0])
+    planes, letter = read_stack(tmp_path / "one.tif")
+    assert letter is None and planes.shape == (1, 30, 40, 1)
+
+
+def test_channel_axis_turns_pages_into_channels(tmp_path):
+    # A plain TIFF of 5 pages is a stack by the policy (> 4 pages); channel_axis says they are
+    # channels (Cellpose's --channel_axis), and channels= picks up to 3 of them.
+    from pipeline.io import read_stack
+
+    pages = np.arange(5 * 20 * 30, dtype=np.uint16).reshape(5, 20, 30)
+    tifffile.imwrite(tmp_path / "five.tif", pages)
+    with pytest.raises(ValueError, match="stack"):
+        read_image(tmp_path / "five.tif")
+    with pytest.raises(ValueError, match="5 channels"):
+        read_image(tmp_path / "five.tif", channel_axis=0)
+    image = read_image(tmp_path / "five.tif", channels=[4, 0], channel_axis=0)
+    np.testing.assert_array_equal(image, pages[[4, 0]].transpose(1, 2, 0))
+    planes, letter = read_stack(tmp_path / "five.tif", channels=[1], channel_axis=-3)
+    assert letter is None and planes.shape == (1, 20, 30, 1)
+    # z_axis names the stack axis of an unnamed array; channel_axis the channel one.
+    volume = np.random.default_rng(1).random((2, 6, 20, 30)).astype(np.float32)  # C, Z, Y, X
+    np.save(tmp_path / "v.npy", volume)
+    planes, letter = read_stack(tmp_path / "v.npy", channel_axis=0, z_axis=1)
+    assert letter == "Z"
+    np.testing.assert_array_equal(planes, volume.transpose(1, 2, 3, 0))
+    with pytest.raises(ValueError, match="out of range"):
+        read_stack(tmp_path / "v.npy", channel_axis=4)
+    with pytest.raises(ValueError, match="other named axis"):
+        read_stack(tmp_path / "v.npy", channel_axis=0, z_axis=-4)
+
+
+@pytest.mark.parametrize("largest", [300, 70000])
+@pytest.mark.parametrize("axes", ["ZYX", "TYX"])
+def test_label_stacks_open_as_stacks_and_keep_their_info(tmp_path, axes, largest):
+    from pipeline.io import read_labels_info
+
+    labels = (np.arange(3 * 20 * 30).reshape(3, 20, 30) * largest // (3 * 20 * 30)).astype(np.uint32)
+    write_labels(tmp_path / "m.tif", labels, axes=axes, info='{"niter": 200}')
+    with tifffile.TiffFile(tmp_path / "m.tif") as tif:
+        # Fiji opens an ImageJ hyperstack as a stack along Z or T (uint16 only: ImageJ has no
+        # uint32, so larger ids are a plain multi-page TIFF).
+        assert tif.is_imagej == (largest <= 65535)
+        if tif.is_imagej:
+            assert tif.series[0].axes == axes and tif.imagej_metadata["hyperstack"]
+        np.testing.assert_array_equal(tif.asarray(), labels)
+    assert read_labels_info(tmp_path / "m.tif") == '{"niter": 200}'
+    write_labels(tmp_path / "plain.tif", labels[0])
+    assert read_labels_info(tmp_path / "plain.tif") is None
