@@ -298,7 +298,7 @@ def test_command_line_writes_the_table_and_torchrun_gives_the_same(root, checkpo
 
 def test_command_line_usage_errors_exit_2(root, checkpoint, tmp_path, caplog, capsys):
     assert benchmark.main(["--shards", str(root), "--checkpoint", str(tmp_path / "none.pt")]) == 2
-    assert "checkpoint not found" in caplog.text
+    assert "none.pt: weights file not found" in caplog.text
     assert benchmark.main(["--shards", str(root), "--checkpoint", str(checkpoint), "--datasets", "livecell"]) == 2
     assert "no 'test' samples of livecell" in caplog.text
     for bad in (["--diameter", "17"], ["--batch-size", "0"]):
