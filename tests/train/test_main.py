@@ -19,20 +19,10 @@ import pytest
 import torch
 
 from pipeline.weights import from_cellpose
-from shardgen.build import build_dataset
 from train.config import load_config, option_names
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    src = tmp_path_factory.mktemp("synthetic_src")
-    (src / "counts.txt").write_text("train 48\ntest 8\n")
-    out = tmp_path_factory.mktemp("shards")
-    build_dataset("synthetic", src, out, config=None, workers=0)
-    return out
 
 
 def torchrun(args, run_dir: Path, restarts: int = 0, **popen):

@@ -11,7 +11,6 @@ for a GPU.
 
 import json
 import math
-import os
 import socket
 from collections import Counter
 from pathlib import Path
@@ -23,8 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 import train.augment
 import train.trainer
-from pipeline.model import ENCODERS, ModelConfig, forward_flops_parts, sample_layer_drop
-from shardgen.build import build_dataset
+from pipeline.model import ENCODERS, forward_flops_parts, sample_layer_drop
 from train.config import load_config
 from train.trainer import (
     PEAK_BF16_TFLOPS,
@@ -45,15 +43,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 class RecordingGenerator:
     """Stands in for torch.Generator's constructor: records the device asked for and returns a
-    real CPU generator (a CUDA one cannot be made without a GPU), tagged with that device."""
+    real CPU generator (a CUDA one cannot be made without a GPU)."""
 
     def __init__(self):
         self.asked = []
 
     def __call__(self, device):
         self.asked.append(torch.device(device))
-        generator = torch.Generator()
-        return generator
+        return torch.Generator()
 
 
 def test_a_cuda_run_draws_augmentation_on_the_gpu_and_layer_drop_on_the_cpu():
@@ -216,15 +213,6 @@ class SyncCounter(TorchDispatchMode):
                 if isinstance(t, torch.Tensor):
                     self.mark_host(t)
         return out
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    src = tmp_path_factory.mktemp("synthetic_src")
-    (src / "counts.txt").write_text("train 32\ntest 4\n")
-    out = tmp_path_factory.mktemp("shards")
-    build_dataset("synthetic", src, out, config=None, workers=0)
-    return out
 
 
 @pytest.fixture
