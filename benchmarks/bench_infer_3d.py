@@ -33,7 +33,8 @@ import torch
 from benchmarks.common import alternate, cpu_description
 from infer.predict import PredictConfig, load_model, predict_volume
 from pipeline.metrics import average_precision
-from pipeline.model import CPSAM, ModelConfig, build_model, to_cellpose
+from pipeline.model import CPSAM, ModelConfig
+from pipeline.weights import build_model, to_cellpose
 from pipeline.synthetic import generate
 
 
