@@ -86,7 +86,14 @@ from train.config import TrainConfig, load_config
 from train.data import WindowBatch, loader_host_bytes
 from train.optim import build_optimizer
 from train.parallelize import parallelize, uses_bf16
-from train.trainer import PEAK_BF16_TFLOPS, flow_and_cellprob_loss, layer_drop_masks, peak_bf16_tflops, step_random
+from train.trainer import (
+    PEAK_BF16_TFLOPS,
+    flow_and_cellprob_loss,
+    layer_drop_masks,
+    optimizer_step,
+    peak_bf16_tflops,
+    step_random,
+)
 
 GIB = 2**30
 # The parts of the device peak, in FSDPMemTracker's categories, by the names the report uses.
@@ -334,15 +341,7 @@ def dry_run(cfg: TrainConfig, world_size: int, gpu: str = "H100 SXM") -> dict:
                         forward_backward(step, micro)
                         # Module-wise stats are per forward; the overall peak is kept across them.
                         tracker.reset_mod_stats()
-                    if cfg.optim.grad_clip is not None:
-                        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                    else:
-                        grad_norm = torch.nn.utils.get_total_norm(
-                            [p.grad for p in model.parameters() if p.grad is not None])
-                    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                    optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    optimizer_step(model, optimizer, cfg.optim.grad_clip)  # as Trainer.train_step
             snapshot = tracker.get_tracker_snapshot("peak")
             between_steps = tracker.get_tracker_snapshot("current")
             # FLOPs of a third forward + backward, apart: with the counter active inside the

@@ -116,6 +116,26 @@ class StepRandom:
     """On the CPU, the same on every rank (no rank in its seed): how many samples skip each block."""
 
 
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   grad_clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip, then step the fused AdamW unless the gradient norm is not finite, all on the device.
+
+    Returns the global gradient norm and ``found_inf`` (1.0 where the update was skipped), both
+    device tensors: no host sync. The norm is over every rank's gradients (after the
+    reduce-scatter), so a NaN on any rank makes every rank skip the same update.
+    """
+    if grad_clip is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    found_inf = (~torch.isfinite(grad_norm)).float()
+    optimizer.found_inf = found_inf
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, found_inf
+
+
 def layer_drop_masks(cfg: ModelConfig, batch_size: int, random: StepRandom) -> torch.Tensor | None:
     """The (batch_size, depth) layer-drop masks of a micro-batch, on the CPU; None without layer drop.
 
@@ -352,17 +372,7 @@ class Trainer:
             totals["flow_loss"] = totals["flow_loss"] + flow_loss.detach() / len(batches)
             totals["cellprob_loss"] = totals["cellprob_loss"] + cellprob_loss.detach() / len(batches)
 
-        if self.cfg.optim.grad_clip is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        # The norm is over every rank's gradients (after the reduce-scatter), so a NaN on any
-        # rank makes every rank skip the same update.
-        found_inf = (~torch.isfinite(grad_norm)).float()
-        self.optimizer.found_inf = found_inf
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, found_inf = optimizer_step(self.model, self.optimizer, self.cfg.optim.grad_clip)
         self._nonfinite = torch.maximum(self._nonfinite, torch.maximum(found_inf, (~torch.isfinite(totals["loss"])).float()))
         totals["grad_norm"] = grad_norm
         totals["lr"] = torch.tensor(lr)  # on the CPU: no copy to the device
